@@ -4,7 +4,8 @@ Two shapes exist:
 
 * a *raw* table (output of ingest): one row per manifest entry or image file, with
   columns ``id`` (str), ``label`` (str or null, exactly as written in the manifest),
-  ``path`` (str, relative to the data root) and ``png`` (bytes or null when missing);
+  ``path`` (str, relative to the data root), ``png`` (bytes or null when the file is
+  missing) and ``in_manifest`` (bool: false for an image file the manifest omits);
 * a *clean* table (output of clean and split): ``id`` (str), ``label`` (int64),
   ``pixels`` (IMAGE_SIZE*IMAGE_SIZE raw uint8 bytes, row-major) and ``sha256`` (hex
   digest of ``pixels``).
@@ -19,7 +20,7 @@ import pandas as pd
 
 from kiln.contract import IMAGE_SIZE
 
-RAW_COLUMNS = ("id", "label", "path", "png")
+RAW_COLUMNS = ("id", "label", "path", "png", "in_manifest")
 CLEAN_COLUMNS = ("id", "label", "pixels", "sha256")
 
 

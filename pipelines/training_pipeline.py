@@ -1,0 +1,75 @@
+"""The kiln training pipeline: one factory, for every runner.
+
+ingest -> clean -> validate -> split -> train -> export -> evaluate -> [blessed] deploy
+
+The environment (container image, data repository, model store) is given by whoever
+runs it: ``pipelines/run_local.py`` passes local paths to ``kfp.local``; the compiled
+YAML (``make compile``) is uploaded to Kubeflow or submitted by ``pipelines/submit.py``
+with cluster values.
+"""
+
+# No `from __future__ import annotations`: kfp reads the pipeline signature's real types.
+
+from pathlib import Path
+
+from kfp import compiler, dsl
+
+from components import make_components
+
+PIPELINE_NAME = "kiln-training"
+DEFAULT_IMAGE = "ghcr.io/kiln-ml/kiln:0.1.0"
+"""The image built from ``components/Dockerfile``; override with ``--image`` when compiling."""
+
+
+def build_pipeline(image: str = DEFAULT_IMAGE):
+    """Return the pipeline function with every step running in ``image``."""
+    c = make_components(image)
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="DVC data -> validated, evaluated ONNX model -> model store")
+    def training_pipeline(
+        data_repo: str,
+        model_store: str,
+        data_rev: str = "",
+        model_name: str = "mnist",
+        model_type: str = "cnn",
+        epochs: int = 8,
+        seed: int = 0,
+        resize_wrong_size: bool = False,
+        min_accuracy: float = 0.95,
+        min_macro_recall: float = 0.95,
+        min_class_recall: float = 0.85,
+    ):
+        """data_repo: git URL or path of the DVC repository holding data/; data_rev: its git
+        revision ("" = workspace); model_store: the model store root the server reads."""
+        ingest = c.ingest(data_repo=data_repo, data_rev=data_rev)
+        clean = c.clean(raw=ingest.outputs["raw"], resize_wrong_size=resize_wrong_size)
+        validate = c.validate(cleaned=clean.outputs["cleaned"])
+        split = c.split(cleaned=clean.outputs["cleaned"]).after(validate)  # nothing trains on unvalidated data
+        train = c.train(train_set=split.outputs["train_set"], val_set=split.outputs["val_set"],
+                        model_type=model_type, epochs=epochs, seed=seed)
+        export = c.export(checkpoint=train.outputs["checkpoint"], val_set=split.outputs["val_set"],
+                          data_version=ingest.outputs["data_version"])
+        evaluate = c.evaluate(onnx_model=export.outputs["onnx_model"], test_set=split.outputs["test_set"],
+                              min_accuracy=min_accuracy, min_macro_recall=min_macro_recall,
+                              min_class_recall=min_class_recall)
+        with dsl.If(evaluate.outputs["blessed"] == True, name="blessed"):  # noqa: E712 (a KFP condition, not Python)
+            c.deploy(onnx_model=export.outputs["onnx_model"], metrics=evaluate.outputs["metrics"],
+                     model_store=model_store, model_name=model_name, data_version=ingest.outputs["data_version"])
+
+    return training_pipeline
+
+
+def compile_pipeline(output: Path, image: str = DEFAULT_IMAGE) -> Path:
+    """Compile the pipeline to ``output`` (YAML) and return the path."""
+    compiler.Compiler().compile(build_pipeline(image), package_path=str(output))
+    return output
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, default=Path(__file__).with_suffix(".yaml"))
+    parser.add_argument("--image", default=DEFAULT_IMAGE)
+    args = parser.parse_args()
+    print(compile_pipeline(args.output, args.image))

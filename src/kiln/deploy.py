@@ -1,0 +1,42 @@
+"""Deploy: put a blessed ONNX model into the model store and move ``production`` to it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from kiln import __version__
+from kiln.store import ModelStore, ModelVersion
+
+
+def git_commit(cwd: str | Path | None = None) -> str:
+    """The code version: ``KILN_GIT_COMMIT`` (baked into images) or ``git rev-parse HEAD``.
+
+    Returns "unknown" outside a git checkout rather than failing a deployment over it.
+    """
+    env = os.environ.get("KILN_GIT_COMMIT")
+    if env:
+        return env
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def deploy(onnx_path: str | Path, store_root: str | Path, model_name: str, lineage: dict[str, Any]) -> ModelVersion:
+    """Store ``onnx_path`` as the next version of ``model_name`` and make it production.
+
+    ``lineage`` (data version, parameters, metrics...) is written into ``model.json``
+    together with the kiln version and the git commit. The version is complete on disk
+    before the alias moves, and the alias moves atomically.
+    """
+    if not Path(onnx_path).is_file():
+        raise FileNotFoundError(f"no ONNX model at {onnx_path}")
+    store = ModelStore(store_root)
+    meta = {"kiln_version": __version__, "git_commit": git_commit(), **lineage}
+    version = store.add_version(model_name, onnx_path, meta)
+    store.set_alias(model_name, version.version)
+    return version

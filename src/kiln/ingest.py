@@ -1,0 +1,137 @@
+"""Ingest: read ``data/`` from a DVC repository at a revision into a raw table.
+
+``data_repo`` is anything DVC accepts (a local path or a git URL); ``data_rev`` a git
+revision (tag, branch, commit) or empty for the repository's workspace. Files come
+through ``dvc.api.DVCFileSystem``, so they are read from the DVC cache or pulled from
+the default remote when the cache lacks them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from kiln.data import IMAGES, MANIFEST
+from kiln.dataset import write_table
+
+log = logging.getLogger(__name__)
+
+
+class IngestError(RuntimeError):
+    """The repository, revision or dataset cannot be read."""
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What ingest read: the DVC md5 of ``data/`` (the data version) and row counts."""
+
+    data_version: str
+    n_rows: int
+    n_manifest: int
+    n_files: int
+
+
+def _read_manifest(text: str) -> list[tuple[str, str | None]]:
+    """Rows of ``labels.csv`` as (id, label-or-None); the header must be ``id,label``."""
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, None)
+    if header is None or [h.strip() for h in header[:2]] != ["id", "label"]:
+        raise IngestError(f"{MANIFEST}: header must start with 'id,label', got {header}")
+    rows: list[tuple[str, str | None]] = []
+    for line_no, row in enumerate(reader, start=2):
+        if not row or not row[0].strip():
+            raise IngestError(f"{MANIFEST}:{line_no}: row without an id: {row}")
+        label = row[1].strip() if len(row) > 1 and row[1].strip() else None
+        rows.append((row[0].strip(), label))
+    return rows
+
+
+def _workspace_is_dirty(repo: str, data_path: str) -> bool:
+    """True when the workspace copy of ``data_path`` differs from its ``.dvc`` file."""
+    from dvc.repo import Repo
+
+    with Repo(repo) as dvc_repo:
+        return bool(dvc_repo.status(targets=[str(Path(repo).resolve() / f"{data_path}.dvc")]))
+
+
+def raw_table_from_dir(root: Path) -> pd.DataFrame:
+    """Build the raw table (see ``kiln.dataset``) from a dataset folder on disk.
+
+    Every manifest row and every file under ``images/`` gets exactly one row, so the
+    cleaning stage can account for all of them.
+    """
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        raise IngestError(f"no {MANIFEST} in {root}")
+    manifest = _read_manifest(manifest_path.read_text())
+    image_dir = root / IMAGES
+    files = {p.stem: p for p in sorted(image_dir.glob("*")) if p.is_file()} if image_dir.is_dir() else {}
+
+    records = []
+    listed = set()
+    for image_id, label in manifest:
+        listed.add(image_id)
+        path = files.get(image_id)
+        records.append(
+            {
+                "id": image_id,
+                "label": label,
+                "path": f"{IMAGES}/{path.name if path else image_id + '.png'}",
+                "png": path.read_bytes() if path else None,
+                "in_manifest": True,
+            }
+        )
+    for image_id, path in files.items():
+        if image_id not in listed:
+            records.append(
+                {"id": image_id, "label": None, "path": f"{IMAGES}/{path.name}", "png": path.read_bytes(), "in_manifest": False}
+            )
+    df = pd.DataFrame.from_records(records, columns=["id", "label", "path", "png", "in_manifest"])
+    return df.astype({"id": "string", "label": "string", "path": "string", "in_manifest": bool})
+
+
+def ingest(data_repo: str, data_rev: str, out_path: str | Path, data_path: str = "data") -> IngestResult:
+    """Read ``data_path`` of ``data_repo`` at ``data_rev`` into a raw table at ``out_path``.
+
+    The data version is the md5 DVC records for ``data_path`` at that revision; for a
+    workspace read whose files differ from the ``.dvc`` file it gets a ``+dirty`` suffix
+    so a model is never attributed to data it was not trained on.
+    """
+    from dvc.api import DVCFileSystem
+    from dvc.exceptions import DvcException
+    from scmrepo.exceptions import SCMError
+
+    rev = data_rev or None
+    try:
+        fs = DVCFileSystem(data_repo, rev=rev)
+        info = fs.info(data_path)
+    except (DvcException, SCMError, FileNotFoundError, OSError) as e:
+        raise IngestError(f"cannot open {data_path!r} in {data_repo!r} at rev {data_rev or '<workspace>'}: {e}") from e
+    md5 = info.get("md5") or (info.get("dvc_info") or {}).get("md5")
+    if not md5:
+        raise IngestError(f"{data_path!r} in {data_repo!r} is not tracked by DVC (no md5); run `dvc add {data_path}`")
+    data_version = md5.removesuffix(".dir")
+    if rev is None and Path(data_repo).is_dir() and _workspace_is_dirty(data_repo, data_path):
+        log.warning("workspace %s differs from %s.dvc: recording data version as dirty", data_repo, data_path)
+        data_version += "+dirty"
+
+    with tempfile.TemporaryDirectory(prefix="kiln-ingest-") as tmp:
+        try:
+            fs.get(data_path, tmp, recursive=True)
+        except (DvcException, FileNotFoundError, OSError) as e:
+            raise IngestError(f"cannot fetch {data_path!r} from {data_repo!r} at {data_rev or '<workspace>'}: {e}") from e
+        root = Path(tmp) / Path(data_path).name
+        df = raw_table_from_dir(root if root.is_dir() else Path(tmp))
+    write_table(df, out_path)
+    return IngestResult(
+        data_version=data_version,
+        n_rows=len(df),
+        n_manifest=int(df["in_manifest"].sum()),
+        n_files=int(df["png"].notna().sum()),
+    )
