@@ -105,13 +105,17 @@ def ingest(data_repo: str, data_rev: str, out_path: str | Path, data_path: str =
     """
     from dvc.api import DVCFileSystem
     from dvc.exceptions import DvcException
+    from dvc_data.index.index import DataIndexDirError
     from scmrepo.exceptions import SCMError
+
+    # What DVC raises for a bad repo, revision, or data missing from cache and remote.
+    dvc_errors = (DvcException, SCMError, DataIndexDirError, OSError)
 
     rev = data_rev or None
     try:
         fs = DVCFileSystem(data_repo, rev=rev)
         info = fs.info(data_path)
-    except (DvcException, SCMError, FileNotFoundError, OSError) as e:
+    except dvc_errors as e:
         raise IngestError(f"cannot open {data_path!r} in {data_repo!r} at rev {data_rev or '<workspace>'}: {e}") from e
     md5 = info.get("md5") or (info.get("dvc_info") or {}).get("md5")
     if not md5:
@@ -124,7 +128,7 @@ def ingest(data_repo: str, data_rev: str, out_path: str | Path, data_path: str =
     with tempfile.TemporaryDirectory(prefix="kiln-ingest-") as tmp:
         try:
             fs.get(data_path, tmp, recursive=True)
-        except (DvcException, FileNotFoundError, OSError) as e:
+        except dvc_errors as e:
             raise IngestError(f"cannot fetch {data_path!r} from {data_repo!r} at {data_rev or '<workspace>'}: {e}") from e
         root = Path(tmp) / Path(data_path).name
         df = raw_table_from_dir(root if root.is_dir() else Path(tmp))

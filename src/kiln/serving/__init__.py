@@ -1,0 +1,1 @@
+"""The kiln model server: ONNX Runtime behind the KServe Open Inference Protocol (V2 REST)."""
