@@ -1,0 +1,68 @@
+"""The model store and deploy: versions in order, an alias that only moves to complete versions."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from kiln.deploy import deploy, git_commit
+from kiln.store import ModelStore, StoreError, sha256_file
+
+
+@pytest.fixture()
+def onnx_file(tmp_path: Path) -> Path:
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"not really onnx, the store does not parse it")
+    return path
+
+
+def test_deploy_adds_versions_and_moves_production(tmp_path: Path, onnx_file: Path) -> None:
+    store = ModelStore(tmp_path / "store")
+    assert store.production("mnist") is None
+    v1 = deploy(onnx_file, store.root, "mnist", {"data_version": "abc", "metrics": {"accuracy": 0.97}})
+    v2 = deploy(onnx_file, store.root, "mnist", {"data_version": "def"})
+    assert (v1.version, v2.version) == ("1", "2")
+    assert store.versions("mnist") == ["1", "2"]
+    assert store.production("mnist").version == "2"
+    meta = json.loads((v1.path / "model.json").read_text())
+    assert meta["data_version"] == "abc" and meta["metrics"]["accuracy"] == 0.97
+    assert meta["sha256"] == sha256_file(onnx_file) and meta["git_commit"] and meta["kiln_version"]
+
+
+def test_alias_cannot_point_at_a_missing_version(tmp_path: Path, onnx_file: Path) -> None:
+    store = ModelStore(tmp_path)
+    deploy(onnx_file, tmp_path, "mnist", {})
+    with pytest.raises(StoreError, match="no version '7'"):
+        store.set_alias("mnist", "7")
+    assert store.production("mnist").version == "1"
+
+
+def test_concurrent_deploys_get_distinct_versions(tmp_path: Path, onnx_file: Path) -> None:
+    results: list[str] = []
+    threads = [threading.Thread(target=lambda: results.append(ModelStore(tmp_path).add_version("m", onnx_file, {}).version))
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results, key=int) == [str(i) for i in range(1, 9)]
+    assert not list((tmp_path / "m").glob(".staging-*"))
+
+
+def test_corrupt_alias_and_bad_names_are_errors(tmp_path: Path, onnx_file: Path) -> None:
+    deploy(onnx_file, tmp_path, "mnist", {})
+    (tmp_path / "mnist" / "production").write_text("latest\n")
+    with pytest.raises(StoreError, match="not a version number"):
+        ModelStore(tmp_path).production("mnist")
+    with pytest.raises(StoreError, match="invalid model name"):
+        ModelStore(tmp_path).versions("../etc")
+
+
+def test_git_commit_prefers_the_image_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("KILN_GIT_COMMIT", "deadbeef")
+    assert git_commit() == "deadbeef"
+    monkeypatch.delenv("KILN_GIT_COMMIT")
+    assert git_commit(tmp_path) == "unknown"  # not a git checkout

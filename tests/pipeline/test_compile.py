@@ -1,0 +1,45 @@
+"""The compiled pipeline: committed YAML is current, steps are wired and gated as designed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from helpers import REPO_ROOT
+
+
+def compile_to(tmp_path: Path, image: str | None = None) -> dict:
+    from pipelines.training_pipeline import DEFAULT_IMAGE, compile_pipeline
+
+    out = compile_pipeline(tmp_path / "p.yaml", image or DEFAULT_IMAGE)
+    return out.read_text()
+
+
+def test_committed_yaml_is_not_stale(tmp_path: Path) -> None:
+    committed = (REPO_ROOT / "pipelines" / "training_pipeline.yaml").read_text()
+    assert compile_to(tmp_path) == committed, "pipelines/training_pipeline.yaml is stale: run `make compile`"
+
+
+def test_deploy_runs_only_when_blessed(tmp_path: Path) -> None:
+    spec = yaml.safe_load(compile_to(tmp_path))
+    root_tasks = spec["root"]["dag"]["tasks"]
+    assert set(root_tasks) >= {"ingest", "clean", "validate", "split", "train", "export", "evaluate"}
+    assert "deploy" not in root_tasks
+    condition = next(t for t in root_tasks.values() if "triggerPolicy" in t)
+    assert "evaluate" in condition["triggerPolicy"]["condition"] and "blessed" in condition["triggerPolicy"]["condition"]
+    inner = spec["components"][condition["componentRef"]["name"]]["dag"]["tasks"]
+    assert list(inner) == ["deploy"]
+    # split waits for validate even though it only consumes clean's output
+    assert "validate" in root_tasks["split"]["dependentTasks"]
+
+
+def test_image_comes_from_the_builder_and_kfp_is_not_reinstalled(tmp_path: Path) -> None:
+    spec = yaml.safe_load(compile_to(tmp_path, image="registry.example/kiln:test"))
+    executors = spec["deploymentSpec"]["executors"]
+    assert len(executors) == 8
+    for executor in executors.values():
+        container = executor["container"]
+        assert container["image"] == "registry.example/kiln:test"
+        assert "pip install" not in " ".join(container["command"])
+        assert "from kiln." in " ".join(container["command"])  # the body calls into kiln
