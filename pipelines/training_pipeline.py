@@ -12,17 +12,25 @@ with cluster values.
 
 from pathlib import Path
 
-from kfp import compiler, dsl
+from kfp import compiler, dsl, kubernetes
 
 from components import make_components
 
 PIPELINE_NAME = "kiln-training"
 DEFAULT_IMAGE = "ghcr.io/kiln-ml/kiln:0.1.0"
 """The image built from ``components/Dockerfile``; override with ``--image`` when compiling."""
+DEFAULT_MODEL_STORE_PVC = "kiln-model-store"
+"""The PersistentVolumeClaim of ``k8s/base`` that the server reads models from."""
+MODEL_STORE_MOUNT = "/mnt/models"
 
 
-def build_pipeline(image: str = DEFAULT_IMAGE):
-    """Return the pipeline function with every step running in ``image``."""
+def build_pipeline(image: str = DEFAULT_IMAGE, model_store_pvc: str | None = None, train_gpus: int = 0):
+    """Return the pipeline function with every step running in ``image``.
+
+    model_store_pvc: on a cluster, the PVC mounted at MODEL_STORE_MOUNT in the deploy
+        step (pass ``model_store=/mnt/models``); None when the runner uses a local folder.
+    train_gpus: NVIDIA GPUs requested by the train step (0: CPU).
+    """
     c = make_components(image)
 
     @dsl.pipeline(name=PIPELINE_NAME, description="DVC data -> validated, evaluated ONNX model -> model store")
@@ -47,21 +55,33 @@ def build_pipeline(image: str = DEFAULT_IMAGE):
         split = c.split(cleaned=clean.outputs["cleaned"]).after(validate)  # nothing trains on unvalidated data
         train = c.train(train_set=split.outputs["train_set"], val_set=split.outputs["val_set"],
                         model_type=model_type, epochs=epochs, seed=seed)
+        if train_gpus:
+            train.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(train_gpus)
         export = c.export(checkpoint=train.outputs["checkpoint"], val_set=split.outputs["val_set"],
                           data_version=ingest.outputs["data_version"])
         evaluate = c.evaluate(onnx_model=export.outputs["onnx_model"], test_set=split.outputs["test_set"],
                               min_accuracy=min_accuracy, min_macro_recall=min_macro_recall,
                               min_class_recall=min_class_recall)
         with dsl.If(evaluate.outputs["blessed"] == True, name="blessed"):  # noqa: E712 (a KFP condition, not Python)
-            c.deploy(onnx_model=export.outputs["onnx_model"], metrics=evaluate.outputs["metrics"],
-                     model_store=model_store, model_name=model_name, data_version=ingest.outputs["data_version"])
+            deploy = c.deploy(onnx_model=export.outputs["onnx_model"], metrics=evaluate.outputs["metrics"],
+                              model_store=model_store, model_name=model_name,
+                              data_version=ingest.outputs["data_version"])
+            if model_store_pvc:
+                kubernetes.mount_pvc(deploy, pvc_name=model_store_pvc, mount_path=MODEL_STORE_MOUNT)
 
     return training_pipeline
 
 
-def compile_pipeline(output: Path, image: str = DEFAULT_IMAGE) -> Path:
-    """Compile the pipeline to ``output`` (YAML) and return the path."""
-    compiler.Compiler().compile(build_pipeline(image), package_path=str(output))
+def compile_pipeline(output: Path, image: str = DEFAULT_IMAGE, model_store_pvc: str = DEFAULT_MODEL_STORE_PVC,
+                     train_gpus: int = 0) -> Path:
+    """Compile the cluster flavour of the pipeline to ``output`` (YAML) and return the path.
+
+    Its ``model_store`` parameter defaults to the PVC mount, so a run started from the
+    Kubeflow UI only has to name ``data_repo``.
+    """
+    pipeline = build_pipeline(image, model_store_pvc, train_gpus)
+    compiler.Compiler().compile(pipeline, package_path=str(output),
+                                pipeline_parameters={"model_store": MODEL_STORE_MOUNT})
     return output
 
 
@@ -71,5 +91,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=Path(__file__).with_suffix(".yaml"))
     parser.add_argument("--image", default=DEFAULT_IMAGE)
+    parser.add_argument("--model-store-pvc", default=DEFAULT_MODEL_STORE_PVC)
+    parser.add_argument("--train-gpus", type=int, default=0)
     args = parser.parse_args()
-    print(compile_pipeline(args.output, args.image))
+    print(compile_pipeline(args.output, args.image, args.model_store_pvc, args.train_gpus))

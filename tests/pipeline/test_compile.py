@@ -22,7 +22,7 @@ def test_committed_yaml_is_not_stale(tmp_path: Path) -> None:
 
 
 def test_deploy_runs_only_when_blessed(tmp_path: Path) -> None:
-    spec = yaml.safe_load(compile_to(tmp_path))
+    spec = next(yaml.safe_load_all(compile_to(tmp_path)))
     root_tasks = spec["root"]["dag"]["tasks"]
     assert set(root_tasks) >= {"ingest", "clean", "validate", "split", "train", "export", "evaluate"}
     assert "deploy" not in root_tasks
@@ -35,7 +35,7 @@ def test_deploy_runs_only_when_blessed(tmp_path: Path) -> None:
 
 
 def test_image_comes_from_the_builder_and_kfp_is_not_reinstalled(tmp_path: Path) -> None:
-    spec = yaml.safe_load(compile_to(tmp_path, image="registry.example/kiln:test"))
+    spec = next(yaml.safe_load_all(compile_to(tmp_path, image="registry.example/kiln:test")))
     executors = spec["deploymentSpec"]["executors"]
     assert len(executors) == 8
     for executor in executors.values():
@@ -43,3 +43,29 @@ def test_image_comes_from_the_builder_and_kfp_is_not_reinstalled(tmp_path: Path)
         assert container["image"] == "registry.example/kiln:test"
         assert "pip install" not in " ".join(container["command"])
         assert "from kiln." in " ".join(container["command"])  # the body calls into kiln
+
+
+def test_cluster_flavour_mounts_the_model_store_in_deploy_only(tmp_path: Path) -> None:
+    docs = list(yaml.safe_load_all(compile_to(tmp_path)))
+    spec, platform = docs[0], docs[1]
+    assert spec["root"]["inputDefinitions"]["parameters"]["model_store"]["defaultValue"] == "/mnt/models"
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert list(executors) == ["exec-deploy"]
+    assert executors["exec-deploy"]["pvcMount"][0]["mountPath"] == "/mnt/models"
+
+
+def test_submit_params_are_typed_and_checked() -> None:
+    import pytest
+
+    from pipelines.submit import parse_params
+
+    params = parse_params(["data_repo=https://git.example/kiln.git", "epochs=3", "min_accuracy=0.9",
+                           "resize_wrong_size=true"])
+    assert params == {"data_repo": "https://git.example/kiln.git", "epochs": 3, "min_accuracy": 0.9,
+                      "resize_wrong_size": True}
+    with pytest.raises(ValueError, match="no parameter 'epoch'"):
+        parse_params(["data_repo=x", "epoch=3"])
+    with pytest.raises(ValueError, match="not a valid NUMBER_INTEGER"):
+        parse_params(["data_repo=x", "epochs=three"])
+    with pytest.raises(ValueError, match="required parameters missing: \\['data_repo'\\]"):
+        parse_params([])
