@@ -40,7 +40,7 @@ def parse_params(pairs: list[str]) -> dict[str, Any]:
             params[name] = casts[declared[name]["parameterType"]](value)
         except (KeyError, ValueError) as e:
             raise ValueError(f"{name}={value!r} is not a valid {declared[name]['parameterType']}") from e
-    missing = [n for n, d in declared.items() if not d.get("isOptional") and n not in params]
+    missing = [n for n, d in declared.items() if not d.get("isOptional") and "defaultValue" not in d and n not in params]
     if missing:
         raise ValueError(f"required parameters missing: {missing}")
     return params
