@@ -64,7 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
     boot.set_defaults(func=_cmd_bootstrap)
 
     run = sub.add_parser("run", help="run the training pipeline locally through kfp.local", add_help=False)
-    run.add_argument("pipeline_args", nargs=argparse.REMAINDER)
     run.set_defaults(func=_cmd_run)
 
     comp = sub.add_parser("compile", help="compile the pipeline to YAML")
@@ -72,13 +71,23 @@ def build_parser() -> argparse.ArgumentParser:
     comp.set_defaults(func=_cmd_compile)
 
     serve = sub.add_parser("serve", help="serve the production model (KServe V2 REST)", add_help=False)
-    serve.add_argument("serve_args", nargs=argparse.REMAINDER)
     serve.set_defaults(func=_cmd_serve)
     return parser
 
 
+# These commands own their options (their own --help); argparse.REMAINDER would stop
+# at a leading option, so their arguments are handed over untouched.
+_PASSTHROUGH = {"run": "pipeline_args", "serve": "serve_args"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if argv and argv[0] in _PASSTHROUGH:
+        args = parser.parse_args(argv[:1])
+        setattr(args, _PASSTHROUGH[argv[0]], argv[1:])
+        return args.func(args)
+    args = parser.parse_args(argv)
     return args.func(args)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from kiln.store import ModelVersion, sha256_file
 
@@ -215,10 +216,14 @@ class OnnxPredictor:
                 session.run(None, {s.name: _warmup_tensor(s) for s in inputs})
             except ModelLoadError:
                 raise
-            except Exception as e:  # ONNX Runtime raises its own untyped-in-Python errors
+            except Exception as e:  # ONNX Runtime has many error types (InvalidGraph, NoSuchFile, Fail...)
                 raise ModelLoadError(f"cannot load {path}: {e}") from e
             self._inputs, self._outputs = inputs, outputs
             self._session = session
+            if self.providers[0] not in session.get_providers():
+                # ONNX Runtime falls back to the next provider on its own; say so, since a
+                # GPU deployment quietly running on CPU shows up only as latency.
+                log.warning("%s was requested but is unusable here; running on %s", self.providers[0], session.get_providers())
             log.info(
                 "loaded %s version %s with %s, %d intra-op threads",
                 self.name,
@@ -260,12 +265,11 @@ class OnnxPredictor:
             raise InferenceInputError(f"unknown output(s) {unknown}; the model has {sorted(known)}")
         try:
             results = session.run(names, feed)
-        except Exception as e:
-            # Validation covered names, datatypes and ranks; what is left (e.g. a batch
-            # dimension the graph cannot reshape) is still the caller's input when ONNX
-            # Runtime says so, anything else is ours.
-            if type(e).__name__ == "InvalidArgument":
-                raise InferenceInputError(f"the model rejected the input: {e}") from e
+        except InvalidArgument as e:
+            # Validation covered names, datatypes and ranks; what ONNX Runtime still calls
+            # an invalid argument (e.g. a dimension the graph cannot reshape) is the input.
+            raise InferenceInputError(f"the model rejected the input: {e}") from e
+        except Exception as e:  # ONNX Runtime's other failures are ours, not the caller's
             raise InferenceError(f"inference failed: {e}") from e
         return dict(zip(names, results, strict=True))
 
