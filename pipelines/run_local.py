@@ -23,7 +23,7 @@ def parse_args(argv: list[str], repo_root: Path) -> argparse.Namespace:
     p.add_argument("--model-store", default=str(repo_root / "model_store"), help="model store root")
     p.add_argument("--model-name", default="mnist")
     p.add_argument("--model-type", default="cnn", choices=["cnn", "mlp"])
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resize-wrong-size", action="store_true", help="resize wrong-size images instead of quarantining")
     p.add_argument("--min-accuracy", type=float, default=0.95)

@@ -40,7 +40,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE, model_store_pvc: str | None = Non
         data_rev: str = "",
         model_name: str = "mnist",
         model_type: str = "cnn",
-        epochs: int = 8,
+        epochs: int = 10,
         seed: int = 0,
         resize_wrong_size: bool = False,
         min_accuracy: float = 0.95,
@@ -62,7 +62,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE, model_store_pvc: str | None = Non
         evaluate = c.evaluate(onnx_model=export.outputs["onnx_model"], test_set=split.outputs["test_set"],
                               min_accuracy=min_accuracy, min_macro_recall=min_macro_recall,
                               min_class_recall=min_class_recall)
-        with dsl.If(evaluate.outputs["blessed"] == True, name="blessed"):  # noqa: E712 (a KFP condition, not Python)
+        with dsl.If(evaluate.outputs["Output"] == True, name="blessed"):  # noqa: E712 (a KFP condition, not Python)
             deploy = c.deploy(onnx_model=export.outputs["onnx_model"], metrics=evaluate.outputs["metrics"],
                               model_store=model_store, model_name=model_name,
                               data_version=ingest.outputs["data_version"])

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 import kiln
 from kiln.contract import IMAGE_SIZE, NUM_CLASSES
-from kiln.dataset import to_arrays
+from kiln.dataset import CLEAN_COLUMNS, read_table, to_arrays
 
 MNIST_MEAN = 0.1307
 """Mean of MNIST training pixels scaled to [0, 1]; the usual published constant."""
@@ -58,7 +58,7 @@ class TrainConfig:
     model: str = "cnn"
     """Architecture: ``"cnn"`` (two conv blocks + MLP head) or ``"mlp"`` (784-512-10)."""
 
-    epochs: int = 8
+    epochs: int = 10
     """Maximum passes over the training table; early stopping may end sooner."""
 
     batch_size: int = 64
@@ -490,3 +490,29 @@ __all__ = [
     "resolve_device",
     "train",
 ]
+
+
+def run_train(
+    train_path: str | Path,
+    val_path: str | Path,
+    checkpoint_path: str | Path,
+    overrides: Mapping[str, Any] | None = None,
+    log_metric: Callable[[str, float], None] | None = None,
+) -> TrainResult:
+    """File-level entry point of the train step: clean tables in, checkpoint out.
+
+    ``overrides`` replace fields of the default TrainConfig (unknown keys are refused);
+    ``log_metric`` receives the per-epoch curves and the best epoch's figures (e.g. a
+    KFP ``Output[Metrics].log_metric``).
+    """
+    config = TrainConfig.from_dict({**TrainConfig().to_dict(), **(overrides or {})})
+    result = train(config, read_table(train_path, CLEAN_COLUMNS), read_table(val_path, CLEAN_COLUMNS), checkpoint_path)
+    if log_metric is not None:
+        for row in result.history:
+            for key in ("train_loss", "val_loss", "val_accuracy"):
+                log_metric(f"epoch{int(row['epoch']):02d}_{key}", float(row[key]))
+        log_metric("best_epoch", result.best_epoch)
+        log_metric("best_val_loss", result.best_val_loss)
+        log_metric("best_val_accuracy", result.best_val_accuracy)
+        log_metric("train_seconds", result.seconds)
+    return result

@@ -27,7 +27,7 @@ def test_deploy_runs_only_when_blessed(tmp_path: Path) -> None:
     assert set(root_tasks) >= {"ingest", "clean", "validate", "split", "train", "export", "evaluate"}
     assert "deploy" not in root_tasks
     condition = next(t for t in root_tasks.values() if "triggerPolicy" in t)
-    assert "evaluate" in condition["triggerPolicy"]["condition"] and "blessed" in condition["triggerPolicy"]["condition"]
+    assert condition["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--evaluate-Output'] == true"
     inner = spec["components"][condition["componentRef"]["name"]]["dag"]["tasks"]
     assert list(inner) == ["deploy"]
     # split waits for validate even though it only consumes clean's output

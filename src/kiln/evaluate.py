@@ -1,0 +1,270 @@
+"""Evaluate an exported ONNX model on the test table and decide whether to bless it.
+
+The model is run exactly as it will be served, in ONNX Runtime, on raw uint8 pixels;
+metrics come from ``sklearn.metrics``. A model is *blessed* (eligible for promotion)
+only if every check in :class:`Thresholds` passes; ``Evaluation.reasons`` records each
+check with the observed and required values, pass or fail.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+from kiln.contract import CLASS_LABELS, IMAGE_SIZE, INPUT_NAME, LABEL_NAME, NUM_CLASSES, PROBABILITIES_NAME
+from kiln.dataset import CLEAN_COLUMNS, read_table, to_arrays
+
+
+class EvaluationError(RuntimeError):
+    """The model or the test table cannot be evaluated."""
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Minimums a model must reach on the test table to be blessed (all inclusive)."""
+
+    min_accuracy: float = 0.95
+    """Overall accuracy (fraction of test images labelled correctly)."""
+
+    min_macro_recall: float = 0.95
+    """Recall averaged over the ten classes with equal weight, so a weak class cannot
+    hide behind strong, frequent ones."""
+
+    min_class_recall: float = 0.85
+    """Recall of the worst single class: no digit may be badly served."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ValueError(f"Thresholds.{f.name} must be a number in [0, 1], got {value!r}")
+
+    def to_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Evaluation:
+    """Metrics of one model on one test table, and the blessing decision.
+
+    ``per_class_recall``, ``support`` and the rows/columns of ``confusion_matrix``
+    follow ``labels`` (``contract.CLASS_LABELS``); the confusion matrix has true classes
+    as rows and predicted classes as columns. ``predictions`` has columns
+    ``id``, ``label`` (true), ``predicted`` and ``confidence`` (probability of the
+    predicted class), in the test table's order.
+    """
+
+    n: int
+    accuracy: float
+    precision_macro: float
+    recall_macro: float
+    f1_macro: float
+    per_class_recall: dict[str, float]
+    support: dict[str, int]
+    confusion_matrix: list[list[int]]
+    labels: list[str]
+    predictions: pd.DataFrame
+    blessed: bool
+    reasons: list[str]
+    thresholds: Thresholds
+
+    def metrics(self) -> dict[str, Any]:
+        """Everything except the predictions, JSON-safe (for metrics files and lineage)."""
+        return {
+            "n": self.n,
+            "accuracy": self.accuracy,
+            "precision_macro": self.precision_macro,
+            "recall_macro": self.recall_macro,
+            "f1_macro": self.f1_macro,
+            "per_class_recall": dict(self.per_class_recall),
+            "support": dict(self.support),
+            "confusion_matrix": [list(row) for row in self.confusion_matrix],
+            "labels": list(self.labels),
+            "blessed": self.blessed,
+            "reasons": list(self.reasons),
+            "thresholds": self.thresholds.to_dict(),
+        }
+
+
+def onnx_providers() -> list[str]:
+    """ONNX Runtime providers to request: CUDA first only when a GPU is really usable.
+
+    onnxruntime-gpu lists ``CUDAExecutionProvider`` even on machines without a GPU (and
+    then falls back with a warning), so ask torch whether CUDA works.
+    """
+    import onnxruntime as ort
+
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    except ImportError:
+        cuda = False
+    if cuda and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def predict_onnx(onnx_path: str | Path, pixels: np.ndarray, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Run the ONNX model on uint8 pixels [N, 28, 28] in batches.
+
+    Returns (probabilities float32 [N, 10], label int64 [N]). Raises
+    :class:`EvaluationError` if the file is missing or its interface is not the
+    contract's.
+    """
+    import onnxruntime as ort
+
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise EvaluationError(f"ONNX model not found: {onnx_path}")
+    try:
+        session = ort.InferenceSession(str(onnx_path), providers=onnx_providers())
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise EvaluationError(f"ONNX Runtime cannot load {onnx_path}: {e}") from e
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = {o.name for o in session.get_outputs()}
+    if inputs != [INPUT_NAME] or not {PROBABILITIES_NAME, LABEL_NAME} <= outputs:
+        raise EvaluationError(
+            f"{onnx_path} has inputs {inputs} and outputs {sorted(outputs)}; "
+            f"the contract wants [{INPUT_NAME!r}] -> {PROBABILITIES_NAME}, {LABEL_NAME}"
+        )
+    if pixels.dtype != np.uint8 or pixels.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise EvaluationError(f"pixels must be uint8 [N, {IMAGE_SIZE}, {IMAGE_SIZE}], got {pixels.dtype}{pixels.shape}")
+    probs = [np.zeros((0, NUM_CLASSES), np.float32)]
+    labels = [np.zeros(0, np.int64)]
+    for start in range(0, len(pixels), batch_size):
+        p, y = session.run([PROBABILITIES_NAME, LABEL_NAME], {INPUT_NAME: pixels[start : start + batch_size]})
+        probs.append(p)
+        labels.append(y)
+    probabilities, label = np.concatenate(probs), np.concatenate(labels)
+    if probabilities.shape != (len(pixels), NUM_CLASSES) or label.shape != (len(pixels),):
+        raise EvaluationError(f"{onnx_path} returned shapes {probabilities.shape}, {label.shape} for {len(pixels)} images")
+    if len(label) and (label.min() < 0 or label.max() >= NUM_CLASSES):
+        raise EvaluationError(f"{onnx_path} predicted labels outside [0, {NUM_CLASSES})")
+    return probabilities, label.astype(np.int64)
+
+
+def _check(name: str, what: str, observed: float, required: float) -> tuple[bool, str]:
+    ok = observed >= required
+    return ok, f"{'PASS' if ok else 'FAIL'} {name}: {what} {observed:.4f} {'>=' if ok else '<'} {required:.4f}"
+
+
+def evaluate_onnx(onnx_path: str | Path, test_df: pd.DataFrame, thresholds: Thresholds = Thresholds()) -> Evaluation:
+    """Run the ONNX model over the clean table ``test_df`` and score it.
+
+    Metrics are computed by scikit-learn over all ten classes. ``blessed`` is True only
+    if every class has at least one test image (otherwise its recall means nothing)
+    and accuracy, macro recall and every per-class recall reach ``thresholds``.
+    Raises :class:`EvaluationError` for an empty table or an unusable model.
+    """
+    if len(test_df) == 0:
+        raise EvaluationError("test table is empty")
+    pixels, y_true = to_arrays(test_df)
+    if y_true.min() < 0 or y_true.max() >= NUM_CLASSES:
+        raise EvaluationError(f"test labels outside [0, {NUM_CLASSES}): {sorted(set(y_true.tolist()))}")
+    probabilities, y_pred = predict_onnx(onnx_path, pixels)
+
+    # --- metrics (scikit-learn; all ten classes, absent ones included) ---
+    class_ids = list(range(NUM_CLASSES))
+    accuracy = float(accuracy_score(y_true, y_pred))
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        y_true, y_pred, labels=class_ids, average="macro", zero_division=0
+    )
+    _, class_recall, _, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=class_ids, average=None, zero_division=0
+    )
+    matrix = confusion_matrix(y_true, y_pred, labels=class_ids)
+
+    # --- blessing: every check is recorded, passing or not ---
+    labels = list(CLASS_LABELS)
+    results = [
+        _check("min_accuracy", "accuracy", accuracy, thresholds.min_accuracy),
+        _check("min_macro_recall", "macro recall", float(recall), thresholds.min_macro_recall),
+    ]
+    missing = [labels[i] for i in class_ids if support[i] == 0]
+    results.append(
+        (not missing, f"FAIL class coverage: no test images for class(es) {missing}")
+        if missing
+        else (True, f"PASS class coverage: all {NUM_CLASSES} classes have test images")
+    )
+    for i in class_ids:
+        if support[i]:
+            results.append(
+                _check("min_class_recall", f"recall of class {labels[i]}", float(class_recall[i]), thresholds.min_class_recall)
+            )
+
+    predictions = pd.DataFrame(
+        {
+            "id": test_df["id"].to_numpy(),
+            "label": y_true,
+            "predicted": y_pred.astype(np.int64),
+            "confidence": probabilities[np.arange(len(y_pred)), y_pred].astype(np.float32),
+        }
+    )
+    return Evaluation(
+        n=len(y_true),
+        accuracy=accuracy,
+        precision_macro=float(precision),
+        recall_macro=float(recall),
+        f1_macro=float(f1),
+        per_class_recall={labels[i]: float(class_recall[i]) for i in class_ids},
+        support={labels[i]: int(support[i]) for i in class_ids},
+        confusion_matrix=matrix.astype(int).tolist(),
+        labels=labels,
+        predictions=predictions,
+        blessed=all(ok for ok, _ in results),
+        reasons=[reason for _, reason in results],
+        thresholds=thresholds,
+    )
+
+
+__all__ = [
+    "Evaluation",
+    "EvaluationError",
+    "Thresholds",
+    "evaluate_onnx",
+    "onnx_providers",
+    "predict_onnx",
+]
+
+
+SCALAR_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
+
+
+def verdict_markdown(evaluation: Evaluation) -> str:
+    """The blessing decision and each check behind it, as Markdown."""
+    head = "Blessed: deploy" if evaluation.blessed else "Not blessed: not deployed"
+    lines = [f"# {head}", "", f"Test images: {evaluation.n}", ""]
+    lines += [f"- {reason}" for reason in evaluation.reasons]
+    return "\n".join(lines) + "\n"
+
+
+def run_evaluate(
+    onnx_path: str | Path,
+    test_path: str | Path,
+    predictions_path: str | Path,
+    verdict_path: str | Path,
+    thresholds: Mapping[str, float] | None = None,
+    log_metric: Callable[[str, float], None] | None = None,
+) -> Evaluation:
+    """File-level entry point of the evaluate step.
+
+    Writes the per-image predictions (CSV: id, label, predicted, confidence) and the
+    verdict (Markdown); ``log_metric`` receives the scalar test metrics.
+    """
+    evaluation = evaluate_onnx(onnx_path, read_table(test_path, CLEAN_COLUMNS), Thresholds(**(thresholds or {})))
+    Path(predictions_path).parent.mkdir(parents=True, exist_ok=True)
+    evaluation.predictions.to_csv(predictions_path, index=False)
+    Path(verdict_path).write_text(verdict_markdown(evaluation))
+    if log_metric is not None:
+        for name in SCALAR_METRICS:
+            log_metric(name, float(getattr(evaluation, name)))
+        log_metric("test_images", evaluation.n)
+    return evaluation

@@ -1,0 +1,189 @@
+"""kiln.train: config handling, determinism, learning, checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import kiln
+from kiln import train as train_mod
+from kiln.contract import NUM_CLASSES
+from kiln.dataset import to_arrays
+from kiln.train import (
+    CheckpointError,
+    ServingModel,
+    TrainConfig,
+    build_model,
+    load_checkpoint,
+    predict_proba,
+    random_shift,
+    read_checkpoint,
+    train,
+)
+
+QUIET = {"log": lambda _: None}
+
+
+# --- config ---
+
+
+def test_config_round_trips_through_dict_and_json() -> None:
+    config = TrainConfig(model="mlp", epochs=3, lr=1e-3, weight_decay=0.0, seed=7, device="cpu", patience=0)
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_from_dict_fills_defaults_for_missing_fields() -> None:
+    assert TrainConfig.from_dict({"epochs": 2}) == TrainConfig(epochs=2)
+
+
+def test_from_dict_rejects_unknown_keys_by_name() -> None:
+    with pytest.raises(ValueError, match=r"unknown TrainConfig field\(s\) \['learning_rate'\]"):
+        TrainConfig.from_dict({"learning_rate": 0.1, "epochs": 2})
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"model": "resnet"}, {"device": "tpu"}, {"epochs": 0}, {"batch_size": 2.5}, {"lr": 0}, {"dropout": 1.0},
+     {"max_shift": 28}, {"lr": float("nan")}, {"epochs": True}],
+)
+def test_config_rejects_invalid_values(bad: dict) -> None:
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        TrainConfig(**bad)
+
+
+# --- models ---
+
+
+@pytest.mark.parametrize("model", ["cnn", "mlp"])
+def test_build_model_maps_normalised_images_to_logits(model: str) -> None:
+    net = build_model(TrainConfig(model=model)).eval()
+    assert net(torch.zeros(5, 1, 28, 28)).shape == (5, NUM_CLASSES)
+
+
+def test_mlp_is_784_512_10() -> None:
+    linears = [m for m in build_model(TrainConfig(model="mlp")).modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(784, 512), (512, 10)]
+
+
+def test_serving_model_normalises_and_returns_probabilities_and_labels() -> None:
+    torch.manual_seed(0)
+    net = build_model(TrainConfig(model="mlp")).eval()
+    pixels = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8)
+    probabilities, label = ServingModel(net).eval()(pixels)
+    assert probabilities.dtype == torch.float32 and probabilities.shape == (4, NUM_CLASSES)
+    assert label.dtype == torch.int64 and label.shape == (4,)
+    torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(4))
+    # the same as normalising by hand with the MNIST constants and running the net
+    x = ((pixels.float() / 255 - train_mod.MNIST_MEAN) / train_mod.MNIST_STD).unsqueeze(1)
+    torch.testing.assert_close(probabilities, torch.softmax(net(x), dim=1))
+    assert torch.equal(label, probabilities.argmax(dim=1))
+
+
+def test_random_shift_moves_digits_without_losing_ink(tables) -> None:
+    pixels, _ = to_arrays(tables.train.head(64))
+    images = torch.tensor(pixels)
+    shifted = random_shift(images, 2, torch.Generator().manual_seed(0))
+    assert shifted.shape == images.shape and shifted.dtype == torch.uint8
+    assert not torch.equal(shifted, images)
+    # MNIST digits sit inside a 4-pixel empty border, so a 2-pixel shift keeps all ink
+    assert torch.equal(shifted.sum(dim=(1, 2), dtype=torch.int64), images.sum(dim=(1, 2), dtype=torch.int64))
+    assert random_shift(images, 0, torch.Generator()) is images
+
+
+# --- training ---
+
+
+def test_tiny_run_learns(trained) -> None:
+    result = trained.result
+    assert result.epochs_run == trained.config.epochs == len(result.history)
+    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+    assert set(result.history[0]) == {"epoch", "train_loss", "val_loss", "val_accuracy", "lr"}
+    # chance is 0.1; a few epochs on 1,000 digits should be far above it
+    assert result.best_val_accuracy >= 0.8
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.best_val_loss == min(row["val_loss"] for row in result.history)
+    assert result.device == "cpu"
+
+
+def test_training_is_deterministic_on_cpu_and_leaves_caller_rng_alone(tables, tmp_path) -> None:
+    config = TrainConfig(model="cnn", epochs=2, batch_size=32, device="cpu", seed=3)
+    train_df, val_df = tables.train.head(256), tables.val.head(100)
+    torch.manual_seed(1234)
+    rng_before = torch.get_rng_state()
+    first = train(config, train_df, val_df, tmp_path / "a.pt", **QUIET)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    second = train(config, train_df, val_df, tmp_path / "b.pt", **QUIET)
+    other_seed = train(TrainConfig.from_dict({**config.to_dict(), "seed": 4}), train_df, val_df, tmp_path / "c.pt", **QUIET)
+
+    assert first.history == second.history
+    a, b = read_checkpoint(tmp_path / "a.pt")["state_dict"], read_checkpoint(tmp_path / "b.pt")["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert other_seed.history != first.history  # the seed really is used
+
+
+def test_early_stopping_keeps_best_epoch(tables, tmp_path, monkeypatch) -> None:
+    # Validation loss that only gets worse after epoch 2: with patience 2 the run
+    # must stop after epoch 4 and report epoch 2 as best.
+    losses = iter([0.5, 0.4, 0.6, 0.7, 0.8, 0.9])
+    monkeypatch.setattr(train_mod, "_evaluate", lambda *a, **k: (next(losses), 0.5))
+    config = TrainConfig(model="mlp", epochs=6, patience=2, device="cpu")
+    result = train(config, tables.train.head(64), tables.val.head(16), tmp_path / "m.pt", **QUIET)
+    assert result.epochs_run == 4
+    assert (result.best_epoch, result.best_val_loss) == (2, 0.4)
+    assert read_checkpoint(tmp_path / "m.pt")["best_epoch"] == 2
+
+
+def test_train_rejects_empty_or_out_of_range_tables(tables, tmp_path) -> None:
+    config = TrainConfig(epochs=1, device="cpu")
+    with pytest.raises(ValueError, match="val table is empty"):
+        train(config, tables.train.head(8), tables.val.head(0), tmp_path / "m.pt", **QUIET)
+    bad = tables.train.head(8).assign(label=11)
+    with pytest.raises(ValueError, match="labels outside"):
+        train(config, bad, tables.val.head(8), tmp_path / "m.pt", **QUIET)
+    assert not (tmp_path / "m.pt").exists()
+
+
+# --- checkpoints ---
+
+
+def test_checkpoint_holds_config_history_and_best_weights(trained, tables) -> None:
+    ckpt = read_checkpoint(trained.checkpoint)
+    assert ckpt["config"] == trained.config.to_dict()
+    assert ckpt["history"] == trained.result.history
+    assert ckpt["kiln_version"] == kiln.__version__
+    assert ckpt["best_epoch"] == trained.result.best_epoch
+
+    config, net = load_checkpoint(trained.checkpoint)
+    assert config == trained.config
+    assert not net.training
+    # The reloaded weights reproduce the best epoch's validation metrics exactly.
+    pixels, labels = to_arrays(tables.val)
+    probabilities = predict_proba(net, pixels)
+    assert np.mean(probabilities.argmax(axis=1) == labels) == trained.result.best_val_accuracy
+    val_loss = -np.mean(np.log(probabilities[np.arange(len(labels)), labels].astype(np.float64)))
+    assert val_loss == pytest.approx(trained.result.best_val_loss, rel=1e-4)
+
+
+def test_reloading_a_checkpoint_gives_identical_outputs(trained, tables) -> None:
+    pixels, _ = to_arrays(tables.test)
+    first = predict_proba(load_checkpoint(trained.checkpoint)[1], pixels)
+    second = predict_proba(load_checkpoint(trained.checkpoint)[1], pixels, batch_size=7)
+    np.testing.assert_array_equal(first.argmax(axis=1), second.argmax(axis=1))
+    np.testing.assert_allclose(first, second, rtol=0, atol=1e-6)  # batch size changes only summation order
+    np.testing.assert_array_equal(first, predict_proba(load_checkpoint(trained.checkpoint)[1], pixels))
+
+
+def test_load_checkpoint_rejects_missing_and_mismatched_files(trained, tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope.pt")
+    ckpt = read_checkpoint(trained.checkpoint)
+    torch.save({**ckpt, "config": {**ckpt["config"], "model": "mlp"}}, tmp_path / "wrong.pt")
+    with pytest.raises(CheckpointError, match="does not match its config"):
+        load_checkpoint(tmp_path / "wrong.pt")
+    torch.save({"state_dict": ckpt["state_dict"]}, tmp_path / "noconfig.pt")
+    with pytest.raises(CheckpointError, match="missing \\['config'\\]"):
+        load_checkpoint(tmp_path / "noconfig.pt")
