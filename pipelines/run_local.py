@@ -56,50 +56,61 @@ def run(args: argparse.Namespace) -> Path:
     return run_root
 
 
-def find_output(run_root: Path, task: str, output: str) -> Path | None:
-    """The file of ``task``'s ``output`` artifact under a local run's root, if it exists."""
-    hits = sorted(run_root.glob(f"{PIPELINE_NAME}-*/{task}/{output}"))
+def task_dir(run_root: Path, task: str) -> Path | None:
+    """The folder of ``task`` under a local run's root (None if the task never ran)."""
+    hits = sorted(run_root.glob(f"{PIPELINE_NAME}-*/{task}"))
     return hits[-1] if hits else None
 
 
-def summarize(run_root: Path, args: argparse.Namespace) -> dict:
-    """Where the run's model, metrics and reports are, and what was deployed."""
-    from kiln.store import ModelStore
+def executor_output(run_root: Path, task: str) -> dict:
+    """What a finished task reported (parameters and artifact metadata), or {}."""
+    folder = task_dir(run_root, task)
+    path = folder / "executor_output.json" if folder else None
+    return json.loads(path.read_text()) if path and path.is_file() else {}
 
-    metrics_file = find_output(run_root, "evaluate", "metrics")
-    executor_outputs = sorted(run_root.glob(f"{PIPELINE_NAME}-*/evaluate/executor_output.json"))
+
+def summarize(run_root: Path) -> dict:
+    """Where the run's reports and model are, its test metrics, verdict and deployed version."""
+    evaluate = executor_output(run_root, "evaluate")
     metrics = {}
-    if executor_outputs:
-        artifacts = json.loads(executor_outputs[-1].read_text()).get("artifacts", {})
-        for artifact in artifacts.get("metrics", {}).get("artifacts", []):
-            metrics = artifact.get("metadata", {})
-    production = ModelStore(args.model_store).production(args.model_name)
+    for artifact in evaluate.get("artifacts", {}).get("metrics", {}).get("artifacts", []):
+        metrics = artifact.get("metadata", {})
+    deployed = executor_output(run_root, "deploy").get("parameterValues", {}).get("version")
+
+    def path(task: str, output: str) -> str:
+        folder = task_dir(run_root, task)
+        return str(folder / output) if folder and (folder / output).exists() else "(not produced)"
+
     return {
         "run": str(run_root),
-        "validation_report": str(find_output(run_root, "validate", "report")),
-        "quarantine": str(find_output(run_root, "clean", "quarantine")),
-        "onnx_model": str(find_output(run_root, "export", "onnx_model")),
-        "metrics_file": str(metrics_file),
+        "validation_report": path("validate", "report"),
+        "quarantine": path("clean", "quarantine"),
+        "onnx_model": path("export", "onnx_model"),
+        "verdict": path("evaluate", "verdict"),
         "test_metrics": metrics,
-        "production": None if production is None else {"version": production.version, "path": str(production.onnx_path)},
+        "blessed": evaluate.get("parameterValues", {}).get("Output"),
+        "deployed_version": deployed,
     }
 
 
 def main(argv: list[str], repo_root: Path) -> int:
     args = parse_args(argv, repo_root)
     run_root = run(args)
-    summary = summarize(run_root, args)
+    summary = summarize(run_root)
     print("\n== kiln run ==")
     print(f"artifacts:          {summary['run']}")
     print(f"validation report:  {summary['validation_report']}")
     print(f"quarantine list:    {summary['quarantine']}")
     print(f"ONNX model:         {summary['onnx_model']}")
-    for name, value in sorted(summary["test_metrics"].items()):
-        print(f"test {name:<14} {value:.4f}" if isinstance(value, float) else f"test {name:<14} {value}")
-    if summary["production"]:
-        print(f"production model:   version {summary['production']['version']} at {summary['production']['path']}")
+    print(f"verdict:            {summary['verdict']}")
+    for name in ("accuracy", "precision_macro", "recall_macro", "f1_macro"):
+        if name in summary["test_metrics"]:
+            print(f"test {name + ':':<15}{summary['test_metrics'][name]:.4f}")
+    if summary["deployed_version"]:
+        store = Path(args.model_store) / args.model_name / summary["deployed_version"]
+        print(f"deployed:           version {summary['deployed_version']} is production ({store})")
     else:
-        print("production model:   none (nothing deployed)")
+        print("deployed:           nothing (not blessed); the production alias did not move")
     return 0
 
 

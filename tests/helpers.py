@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -75,3 +80,70 @@ def clean_frame(images: np.ndarray, labels: np.ndarray, prefix: str = "") -> pd.
         "pixels": pixels,
         "sha256": [hashlib.sha256(p).hexdigest() for p in pixels],
     })
+
+
+@dataclass(frozen=True)
+class RunningServer:
+    app: object
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. http://127.0.0.1:12345"""
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def address(self) -> str:
+        """host:port, as tritonclient wants it."""
+        return f"{self.host}:{self.port}"
+
+
+@contextmanager
+def serve(app) -> Iterator[RunningServer]:
+    """Run ``app`` under uvicorn on a free loopback port in a background thread."""
+    # Bind the socket here and hand it over: no window in which another process could
+    # take a port we only looked up.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+
+    def run() -> None:
+        try:
+            server.run(sockets=[sock])
+        except SystemExit:  # uvicorn's answer to a failed startup; `started` tells the caller
+            pass
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(1000):
+            if server.started or not thread.is_alive():
+                break
+            thread.join(0.01)
+        if not server.started:
+            raise RuntimeError("uvicorn did not start")
+        yield RunningServer(app, "127.0.0.1", port)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def tiny_onnx(path: Path) -> Path:
+    """A valid ONNX file (uint8 pixels -> float32 identity cast) for tests that only store models."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["pixels"], ["probabilities"], to=TensorProto.FLOAT)], "tiny",
+        [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", 28, 28])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 28, 28])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    helper.set_model_props(model, {"train_config": '{"model": "cnn"}', "class_labels": '["0"]'})
+    onnx.save(model, str(path))
+    return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -26,6 +27,18 @@ def git_commit(cwd: str | Path | None = None) -> str:
     return out.stdout.strip() or "unknown"
 
 
+def onnx_lineage(onnx_path: str | Path) -> dict[str, Any]:
+    """The training parameters and class labels the export step wrote into the ONNX metadata."""
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    out: dict[str, Any] = {}
+    for key, name in (("train_config", "parameters"), ("class_labels", "class_labels")):
+        if key in props:
+            out[name] = json.loads(props[key])
+    return out
+
+
 def deploy(onnx_path: str | Path, store_root: str | Path, model_name: str, lineage: dict[str, Any]) -> ModelVersion:
     """Store ``onnx_path`` as the next version of ``model_name`` and make it production.
 
@@ -36,7 +49,7 @@ def deploy(onnx_path: str | Path, store_root: str | Path, model_name: str, linea
     if not Path(onnx_path).is_file():
         raise FileNotFoundError(f"no ONNX model at {onnx_path}")
     store = ModelStore(store_root)
-    meta = {"kiln_version": __version__, "git_commit": git_commit(), **lineage}
+    meta = {"kiln_version": __version__, "git_commit": git_commit(), **onnx_lineage(onnx_path), **lineage}
     version = store.add_version(model_name, onnx_path, meta)
     store.set_alias(model_name, version.version)
     return version

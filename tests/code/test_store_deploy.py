@@ -8,15 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from helpers import tiny_onnx
 from kiln.deploy import deploy, git_commit
 from kiln.store import ModelStore, StoreError, sha256_file
 
 
 @pytest.fixture()
 def onnx_file(tmp_path: Path) -> Path:
-    path = tmp_path / "m.onnx"
-    path.write_bytes(b"not really onnx, the store does not parse it")
-    return path
+    return tiny_onnx(tmp_path / "m.onnx")
 
 
 def test_deploy_adds_versions_and_moves_production(tmp_path: Path, onnx_file: Path) -> None:
@@ -30,6 +29,7 @@ def test_deploy_adds_versions_and_moves_production(tmp_path: Path, onnx_file: Pa
     meta = json.loads((v1.path / "model.json").read_text())
     assert meta["data_version"] == "abc" and meta["metrics"]["accuracy"] == 0.97
     assert meta["sha256"] == sha256_file(onnx_file) and meta["git_commit"] and meta["kiln_version"]
+    assert meta["parameters"] == {"model": "cnn"} and meta["class_labels"] == ["0"]  # from the ONNX metadata
 
 
 def test_alias_cannot_point_at_a_missing_version(tmp_path: Path, onnx_file: Path) -> None:

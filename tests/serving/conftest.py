@@ -8,21 +8,18 @@ the exact expected output with numpy.
 from __future__ import annotations
 
 import json
-import socket
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from onnx import TensorProto, helper, numpy_helper
 
 from kiln.contract import IMAGE_SIZE, INPUT_NAME, LABEL_NAME, NUM_CLASSES, ONNX_OPSET, PROBABILITIES_NAME
+from helpers import RunningServer, serve
 from kiln.serving.server import create_app
 from kiln.store import ModelStore
 
@@ -119,54 +116,6 @@ def build_store(root: Path, work: Path, *, production: str | None, corrupt: tupl
     return root
 
 
-@dataclass(frozen=True)
-class RunningServer:
-    app: FastAPI
-    host: str
-    port: int
-
-    @property
-    def url(self) -> str:
-        """Base URL, e.g. http://127.0.0.1:12345"""
-        return f"http://{self.host}:{self.port}"
-
-    @property
-    def address(self) -> str:
-        """host:port, as tritonclient wants it."""
-        return f"{self.host}:{self.port}"
-
-
-@contextmanager
-def serve(app: FastAPI) -> Iterator[RunningServer]:
-    """Run ``app`` under uvicorn on a free loopback port in a background thread."""
-    # Bind the socket here and hand it over: no window in which another process could
-    # take a port we only looked up.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-
-    def run() -> None:
-        try:
-            server.run(sockets=[sock])
-        except SystemExit:  # uvicorn's answer to a failed startup; `started` tells the caller
-            pass
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
-        for _ in range(1000):
-            if server.started or not thread.is_alive():
-                break
-            thread.join(0.01)
-        if not server.started:
-            raise RuntimeError("uvicorn did not start")
-        yield RunningServer(app, "127.0.0.1", port)
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 @pytest.fixture(scope="session")
