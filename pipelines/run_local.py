@@ -102,19 +102,19 @@ def main(argv: list[str], repo_root: Path) -> int:
     run_root = run(args)
     summary = summarize(run_root)
     print("\n== kiln run ==")
-    print(f"artifacts:          {summary['run']}")
-    print(f"validation report:  {summary['validation_report']}")
-    print(f"quarantine list:    {summary['quarantine']}")
-    print(f"ONNX model:         {summary['onnx_model']}")
-    print(f"verdict:            {summary['verdict']}")
+    print(f"artifacts:           {summary['run']}")
+    print(f"validation report:   {summary['validation_report']}")
+    print(f"quarantine list:     {summary['quarantine']}")
+    print(f"ONNX model:          {summary['onnx_model']}")
+    print(f"verdict:             {summary['verdict']}")
     for name in ("accuracy", "precision_macro", "recall_macro", "f1_macro"):
         if name in summary["test_metrics"]:
-            print(f"test {name + ':':<15}{summary['test_metrics'][name]:.4f}")
+            print(f"{'test ' + name + ':':<21}{summary['test_metrics'][name]:.4f}")
     if summary["deployed_version"]:
         store = Path(args.model_store) / args.model_name / summary["deployed_version"]
-        print(f"deployed:           version {summary['deployed_version']} is production ({store})")
+        print(f"deployed:            version {summary['deployed_version']} is production ({store})")
     else:
-        print("deployed:           nothing (not blessed); the production alias did not move")
+        print("deployed:            nothing (not blessed); the production alias did not move")
     return 0
 
 
