@@ -14,6 +14,7 @@ from kfp import dsl
 
 from components.clean import clean
 from components.deploy import deploy
+from components.drift import drift
 from components.evaluate import evaluate
 from components.export import export
 from components.ingest import ingest
@@ -21,7 +22,7 @@ from components.split import split
 from components.train import train
 from components.validate import validate
 
-STEPS = (ingest, clean, validate, split, train, export, evaluate, deploy)
+STEPS = (ingest, clean, validate, drift, split, train, export, evaluate, deploy)
 
 
 def make_components(image: str) -> SimpleNamespace:

@@ -27,6 +27,8 @@ def parse_args(argv: list[str], repo_root: Path) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resize-wrong-size", action="store_true", help="resize wrong-size images instead of quarantining")
+    p.add_argument("--drift-action", default="warn", choices=["warn", "fail"],
+                   help="what data drift from the production model's data does (default: warn)")
     p.add_argument("--min-accuracy", type=float, default=0.95)
     p.add_argument("--min-macro-recall", type=float, default=0.95)
     p.add_argument("--min-class-recall", type=float, default=0.85)
@@ -53,6 +55,7 @@ def run(args: argparse.Namespace) -> Path:
         epochs=args.epochs,
         seed=args.seed,
         resize_wrong_size=args.resize_wrong_size,
+        drift_action=args.drift_action,
         min_accuracy=args.min_accuracy,
         min_macro_recall=args.min_macro_recall,
         min_class_recall=args.min_class_recall,
@@ -88,6 +91,7 @@ def summarize(run_root: Path) -> dict:
     return {
         "run": str(run_root),
         "validation_report": path("validate", "report"),
+        "drift_report": path("drift", "report"),
         "quarantine": path("clean", "quarantine"),
         "onnx_model": path("export", "onnx_model"),
         "verdict": path("evaluate", "verdict"),
@@ -104,6 +108,7 @@ def main(argv: list[str], repo_root: Path) -> int:
     print("\n== kiln run ==")
     print(f"artifacts:           {summary['run']}")
     print(f"validation report:   {summary['validation_report']}")
+    print(f"drift report:        {summary['drift_report']}")
     print(f"quarantine list:     {summary['quarantine']}")
     print(f"ONNX model:          {summary['onnx_model']}")
     print(f"verdict:             {summary['verdict']}")

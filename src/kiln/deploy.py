@@ -39,17 +39,24 @@ def onnx_lineage(onnx_path: str | Path) -> dict[str, Any]:
     return out
 
 
-def deploy(onnx_path: str | Path, store_root: str | Path, model_name: str, lineage: dict[str, Any]) -> ModelVersion:
+def deploy(onnx_path: str | Path, store_root: str | Path, model_name: str, lineage: dict[str, Any],
+           reference_clean_path: str | Path | None = None) -> ModelVersion:
     """Store ``onnx_path`` as the next version of ``model_name`` and make it production.
 
     ``lineage`` (data version, parameters, metrics...) is written into ``model.json``
-    together with the kiln version and the git commit. The version is complete on disk
-    before the alias moves, and the alias moves atomically.
+    together with the kiln version and the git commit. With ``reference_clean_path``, the
+    statistics of that clean table are stored beside the model (``stats.parquet``), so
+    the next run can measure drift against the data this model learned from. The
+    version is complete on disk before the alias moves, and the alias moves atomically.
     """
     if not Path(onnx_path).is_file():
         raise FileNotFoundError(f"no ONNX model at {onnx_path}")
     store = ModelStore(store_root)
     meta = {"kiln_version": __version__, "git_commit": git_commit(), **onnx_lineage(onnx_path), **lineage}
     version = store.add_version(model_name, onnx_path, meta)
+    if reference_clean_path is not None:
+        from kiln.drift import save_reference_statistics
+
+        save_reference_statistics(reference_clean_path, version.path)
     store.set_alias(model_name, version.version)
     return version

@@ -24,20 +24,20 @@ def test_committed_yaml_is_not_stale(tmp_path: Path) -> None:
 def test_deploy_runs_only_when_blessed(tmp_path: Path) -> None:
     spec = next(yaml.safe_load_all(compile_to(tmp_path)))
     root_tasks = spec["root"]["dag"]["tasks"]
-    assert set(root_tasks) >= {"ingest", "clean", "validate", "split", "train", "export", "evaluate"}
+    assert set(root_tasks) >= {"ingest", "clean", "validate", "drift", "split", "train", "export", "evaluate"}
     assert "deploy" not in root_tasks
     condition = next(t for t in root_tasks.values() if "triggerPolicy" in t)
     assert condition["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--evaluate-Output'] == true"
     inner = spec["components"][condition["componentRef"]["name"]]["dag"]["tasks"]
     assert list(inner) == ["deploy"]
     # split waits for validate even though it only consumes clean's output
-    assert "validate" in root_tasks["split"]["dependentTasks"]
+    assert {"validate", "drift"} <= set(root_tasks["split"]["dependentTasks"])
 
 
 def test_image_comes_from_the_builder_and_kfp_is_not_reinstalled(tmp_path: Path) -> None:
     spec = next(yaml.safe_load_all(compile_to(tmp_path, image="registry.example/kiln:test")))
     executors = spec["deploymentSpec"]["executors"]
-    assert len(executors) == 8
+    assert len(executors) == 9
     for executor in executors.values():
         container = executor["container"]
         assert container["image"] == "registry.example/kiln:test"
@@ -50,8 +50,8 @@ def test_cluster_flavour_mounts_the_model_store_in_deploy_only(tmp_path: Path) -
     spec, platform = docs[0], docs[1]
     assert spec["root"]["inputDefinitions"]["parameters"]["model_store"]["defaultValue"] == "/mnt/models"
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert list(executors) == ["exec-deploy"]
-    assert executors["exec-deploy"]["pvcMount"][0]["mountPath"] == "/mnt/models"
+    assert sorted(executors) == ["exec-deploy", "exec-drift"]  # the steps that touch the store
+    assert all(e["pvcMount"][0]["mountPath"] == "/mnt/models" for e in executors.values())
 
 
 def test_submit_params_are_typed_and_checked() -> None:

@@ -20,7 +20,7 @@ from kiln.data import bootstrap, write_dataset
 from kiln.dataset import CLEAN_COLUMNS, read_table, to_arrays
 from kiln.serving.server import create_app
 from kiln.store import ModelStore
-from pipelines.run_local import parse_args, run, summarize, task_dir
+from pipelines.run_local import executor_output, parse_args, run, summarize, task_dir
 
 pytestmark = pytest.mark.slow
 EPOCHS = "4"  # few epochs: enough to pass the default thresholds, fast on 2 CPU cores
@@ -58,6 +58,7 @@ def test_pipeline_trains_evaluates_and_deploys(deployed: dict) -> None:
     assert production.meta["data_version"] == deployed["data_version"]
     assert production.meta["metrics"]["accuracy"] == summary["test_metrics"]["accuracy"]
     assert production.meta["parameters"]["epochs"] == int(EPOCHS)
+    assert (production.path / "stats.parquet").is_file()  # the reference for the next run's drift check
     assert "expect_table_row_count_to_be_between" in Path(summary["validation_report"]).read_text()
 
 
@@ -82,8 +83,12 @@ def test_served_model_agrees_with_the_evaluation(deployed: dict) -> None:
 def test_a_model_below_thresholds_is_not_deployed(deployed: dict) -> None:
     store = ModelStore(deployed["work"] / "store")
     before = store.versions("mnist")
-    _, summary, _ = run_pipeline(deployed["repo"], deployed["work"], "--epochs", "1", "--min-accuracy", "1.0")
+    run_root, summary, _ = run_pipeline(deployed["repo"], deployed["work"], "--epochs", "1", "--min-accuracy", "1.0",
+                                        "--drift-action", "fail")
     assert summary["blessed"] is False and summary["deployed_version"] is None
+    # same data as the production model's: drift was measured against version 1 and found none
+    drift = executor_output(run_root, "drift")["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+    assert drift["drift_checked"] == 1 and drift["drifted"] == 0 and drift["reference_version"] == 1
     assert store.versions("mnist") == before and store.production("mnist").version == "1"
 
 
