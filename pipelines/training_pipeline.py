@@ -24,12 +24,20 @@ DEFAULT_MODEL_STORE_PVC = "kiln-model-store"
 MODEL_STORE_MOUNT = "/mnt/models"
 
 
-def build_pipeline(image: str = DEFAULT_IMAGE, model_store_pvc: str | None = None, train_gpus: int = 0):
+DVC_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
+"""Keys of the DVC remote's Secret, exposed to ingest as the env vars DVC's S3 backend reads."""
+
+
+def build_pipeline(image: str = DEFAULT_IMAGE, model_store_pvc: str | None = None, train_gpus: int = 0,
+                   dvc_secret: str | None = None):
     """Return the pipeline function with every step running in ``image``.
 
-    model_store_pvc: on a cluster, the PVC mounted at MODEL_STORE_MOUNT in the deploy
-        step (pass ``model_store=/mnt/models``); None when the runner uses a local folder.
+    model_store_pvc: on a cluster, the PVC mounted at MODEL_STORE_MOUNT in the steps
+        that use the model store (pass ``model_store=/mnt/models``); None when the runner
+        uses a local folder.
     train_gpus: NVIDIA GPUs requested by the train step (0: CPU).
+    dvc_secret: a Kubernetes Secret with the S3 credentials of the DVC remote, given to
+        the ingest step as environment variables (None: no credentials needed).
     """
     c = make_components(image)
 
@@ -52,6 +60,8 @@ def build_pipeline(image: str = DEFAULT_IMAGE, model_store_pvc: str | None = Non
         revision ("" = workspace); model_store: the model store root the server reads;
         drift_action: "warn" or "fail" when the data drifted from the production model's."""
         ingest = c.ingest(data_repo=data_repo, data_rev=data_rev)
+        if dvc_secret:
+            kubernetes.use_secret_as_env(ingest, secret_name=dvc_secret, secret_key_to_env=DVC_SECRET_KEYS)
         clean = c.clean(raw=ingest.outputs["raw"], resize_wrong_size=resize_wrong_size)
         validate = c.validate(cleaned=clean.outputs["cleaned"])
         drift = c.drift(cleaned=clean.outputs["cleaned"], model_store=model_store, model_name=model_name,
@@ -79,13 +89,13 @@ def build_pipeline(image: str = DEFAULT_IMAGE, model_store_pvc: str | None = Non
 
 
 def compile_pipeline(output: Path, image: str = DEFAULT_IMAGE, model_store_pvc: str = DEFAULT_MODEL_STORE_PVC,
-                     train_gpus: int = 0) -> Path:
+                     train_gpus: int = 0, dvc_secret: str | None = None) -> Path:
     """Compile the cluster flavour of the pipeline to ``output`` (YAML) and return the path.
 
     Its ``model_store`` parameter defaults to the PVC mount, so a run started from the
     Kubeflow UI only has to name ``data_repo``.
     """
-    pipeline = build_pipeline(image, model_store_pvc, train_gpus)
+    pipeline = build_pipeline(image, model_store_pvc, train_gpus, dvc_secret)
     compiler.Compiler().compile(pipeline, package_path=str(output),
                                 pipeline_parameters={"model_store": MODEL_STORE_MOUNT})
     return output
@@ -99,5 +109,6 @@ if __name__ == "__main__":
     parser.add_argument("--image", default=DEFAULT_IMAGE)
     parser.add_argument("--model-store-pvc", default=DEFAULT_MODEL_STORE_PVC)
     parser.add_argument("--train-gpus", type=int, default=0)
+    parser.add_argument("--dvc-secret", help="Secret holding AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY for the DVC remote")
     args = parser.parse_args()
-    print(compile_pipeline(args.output, args.image, args.model_store_pvc, args.train_gpus))
+    print(compile_pipeline(args.output, args.image, args.model_store_pvc, args.train_gpus, args.dvc_secret))

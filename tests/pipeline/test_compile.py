@@ -69,3 +69,15 @@ def test_submit_params_are_typed_and_checked() -> None:
         parse_params(["data_repo=x", "epochs=three"])
     with pytest.raises(ValueError, match="required parameters missing: \\['data_repo'\\]"):
         parse_params([])
+
+
+def test_cluster_options_request_gpus_and_dvc_credentials(tmp_path: Path) -> None:
+    from pipelines.training_pipeline import compile_pipeline
+
+    text = compile_pipeline(tmp_path / "p.yaml", train_gpus=2, dvc_secret="kiln-dvc-s3").read_text()
+    spec, platform = yaml.safe_load_all(text)
+    train = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
+    assert train["accelerator"]["resourceCount"] == "2" and train["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    ingest = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-ingest"]
+    assert ingest["secretAsEnv"][0]["secretName"] == "kiln-dvc-s3"
+    assert {e["envVar"] for e in ingest["secretAsEnv"][0]["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
