@@ -55,10 +55,13 @@ def build_pipeline(image: str = DEFAULT_IMAGE, model_store_pvc: str | None = Non
         min_accuracy: float = 0.95,
         min_macro_recall: float = 0.95,
         min_class_recall: float = 0.85,
+        champion_tolerance: float = 0.005,
     ):
         """data_repo: git URL or path of the DVC repository holding data/; data_rev: its git
         revision ("" = workspace); model_store: the model store root the server reads;
-        drift_action: "warn" or "fail" when the data drifted from the production model's."""
+        drift_action: "warn" or "fail" when the data drifted from the production model's;
+        champion_tolerance: how much test accuracy the new model may lose
+        against the production model evaluated on the same test split and still be blessed."""
         ingest = c.ingest(data_repo=data_repo, data_rev=data_rev)
         if dvc_secret:
             kubernetes.use_secret_as_env(ingest, secret_name=dvc_secret, secret_key_to_env=DVC_SECRET_KEYS)
@@ -69,20 +72,21 @@ def build_pipeline(image: str = DEFAULT_IMAGE, model_store_pvc: str | None = Non
         # nothing trains on unvalidated (or, with drift_action="fail", drifted) data
         split = c.split(cleaned=clean.outputs["cleaned"]).after(validate, drift)
         train = c.train(train_set=split.outputs["train_set"], val_set=split.outputs["val_set"],
-                        model_type=model_type, epochs=epochs, seed=seed)
+                        model_type=model_type, epochs=epochs, seed=seed, num_gpus=train_gpus)
         if train_gpus:
             train.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(train_gpus)
         export = c.export(checkpoint=train.outputs["checkpoint"], val_set=split.outputs["val_set"],
                           data_version=ingest.outputs["data_version"])
         evaluate = c.evaluate(onnx_model=export.outputs["onnx_model"], test_set=split.outputs["test_set"],
                               min_accuracy=min_accuracy, min_macro_recall=min_macro_recall,
-                              min_class_recall=min_class_recall)
+                              min_class_recall=min_class_recall, model_store=model_store, model_name=model_name,
+                              champion_tolerance=champion_tolerance)
         with dsl.If(evaluate.outputs["Output"] == True, name="blessed"):  # noqa: E712 (a KFP condition, not Python)
             deploy = c.deploy(onnx_model=export.outputs["onnx_model"], metrics=evaluate.outputs["metrics"],
                               cleaned=clean.outputs["cleaned"], model_store=model_store, model_name=model_name,
                               data_version=ingest.outputs["data_version"])
         if model_store_pvc:  # every step that reads or writes the model store
-            for task in (drift, deploy):
+            for task in (drift, evaluate, deploy):
                 kubernetes.mount_pvc(task, pvc_name=model_store_pvc, mount_path=MODEL_STORE_MOUNT)
 
     return training_pipeline

@@ -2,21 +2,25 @@
 
 The model is run exactly as it will be served, in ONNX Runtime, on raw uint8 pixels;
 metrics come from ``sklearn.metrics``. A model is *blessed* (eligible for promotion)
-only if every check in :class:`Thresholds` passes; ``Evaluation.reasons`` records each
-check with the observed and required values, pass or fail.
+only if every check in :class:`Thresholds` passes and, when a production model (the
+*champion*) exists, the new model (the *challenger*) is not less accurate than the
+champion on the same test table by more than a tolerance. ``Evaluation.reasons``
+records each check with the observed and required values, pass or fail.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import html
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
 from kiln.contract import CLASS_LABELS, IMAGE_SIZE, INPUT_NAME, LABEL_NAME, NUM_CLASSES, PROBABILITIES_NAME
 from kiln.dataset import CLEAN_COLUMNS, read_table, to_arrays
@@ -74,6 +78,17 @@ class Evaluation:
     blessed: bool
     reasons: list[str]
     thresholds: Thresholds
+    per_class_precision: dict[str, float] = field(default_factory=dict)
+    per_class_f1: dict[str, float] = field(default_factory=dict)
+    precision_weighted: float = math.nan
+    recall_weighted: float = math.nan
+    f1_weighted: float = math.nan
+    roc_auc_ovr_macro: float | None = None
+    """One-vs-rest ROC AUC averaged over classes with equal weight; None when it is
+    undefined (some class has no test image)."""
+    champion: dict[str, Any] | None = None
+    """When a production model was compared: its ``accuracy``, ``n``, the ``tolerance``
+    and ``accuracy_delta`` (challenger - champion); None when there was no champion."""
 
     def metrics(self) -> dict[str, Any]:
         """Everything except the predictions, JSON-safe (for metrics files and lineage)."""
@@ -83,13 +98,20 @@ class Evaluation:
             "precision_macro": self.precision_macro,
             "recall_macro": self.recall_macro,
             "f1_macro": self.f1_macro,
+            "precision_weighted": self.precision_weighted,
+            "recall_weighted": self.recall_weighted,
+            "f1_weighted": self.f1_weighted,
+            "roc_auc_ovr_macro": self.roc_auc_ovr_macro,
+            "per_class_precision": dict(self.per_class_precision),
             "per_class_recall": dict(self.per_class_recall),
+            "per_class_f1": dict(self.per_class_f1),
             "support": dict(self.support),
             "confusion_matrix": [list(row) for row in self.confusion_matrix],
             "labels": list(self.labels),
             "blessed": self.blessed,
             "reasons": list(self.reasons),
             "thresholds": self.thresholds.to_dict(),
+            "champion": None if self.champion is None else dict(self.champion),
         }
 
 
@@ -156,14 +178,49 @@ def _check(name: str, what: str, observed: float, required: float) -> tuple[bool
     return ok, f"{'PASS' if ok else 'FAIL'} {name}: {what} {observed:.4f} {'>=' if ok else '<'} {required:.4f}"
 
 
-def evaluate_onnx(onnx_path: str | Path, test_df: pd.DataFrame, thresholds: Thresholds = Thresholds()) -> Evaluation:
+DEFAULT_CHAMPION_TOLERANCE = 0.005
+"""How much accuracy (a fraction: 0.005 = half a point) a challenger may lose against
+the production model and still be blessed."""
+
+
+def _roc_auc(y_true: np.ndarray, probabilities: np.ndarray) -> float | None:
+    """Macro one-vs-rest ROC AUC over the ten classes, or None if a class is absent."""
+    if len(np.unique(y_true)) < NUM_CLASSES:
+        return None
+    p = probabilities.astype(np.float64)
+    p /= p.sum(axis=1, keepdims=True)  # float32 softmax rows may miss 1 by more than sklearn allows
+    return float(roc_auc_score(y_true, p, multi_class="ovr", average="macro", labels=list(range(NUM_CLASSES))))
+
+
+def champion_check(challenger_accuracy: float, champion_accuracy: float, tolerance: float) -> tuple[bool, str]:
+    """The challenger passes if its accuracy >= champion's - ``tolerance`` (inclusive)."""
+    required = champion_accuracy - tolerance
+    ok = challenger_accuracy >= required - 1e-12  # float noise must not flip an exact tie
+    return ok, (
+        f"{'PASS' if ok else 'FAIL'} champion: challenger accuracy {challenger_accuracy:.4f} "
+        f"{'>=' if ok else '<'} champion accuracy {champion_accuracy:.4f} - tolerance {tolerance:.4f}"
+    )
+
+
+def evaluate_onnx(
+    onnx_path: str | Path,
+    test_df: pd.DataFrame,
+    thresholds: Thresholds = Thresholds(),
+    champion_onnx_path: str | Path | None = None,
+    tolerance: float = DEFAULT_CHAMPION_TOLERANCE,
+) -> Evaluation:
     """Run the ONNX model over the clean table ``test_df`` and score it.
 
     Metrics are computed by scikit-learn over all ten classes. ``blessed`` is True only
     if every class has at least one test image (otherwise its recall means nothing)
-    and accuracy, macro recall and every per-class recall reach ``thresholds``.
-    Raises :class:`EvaluationError` for an empty table or an unusable model.
+    and accuracy, macro recall and every per-class recall reach ``thresholds``, and,
+    when ``champion_onnx_path`` (the production model) is given, the challenger's
+    accuracy on the same table is at least the champion's minus ``tolerance``.
+    Raises :class:`EvaluationError` for an empty table or an unusable model
+    (champion included: a production model that cannot be scored is not ignored).
     """
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance <= 1:
+        raise ValueError(f"tolerance must be a number in [0, 1], got {tolerance!r}")
     if len(test_df) == 0:
         raise EvaluationError("test table is empty")
     pixels, y_true = to_arrays(test_df)
@@ -177,8 +234,11 @@ def evaluate_onnx(onnx_path: str | Path, test_df: pd.DataFrame, thresholds: Thre
     precision, recall, f1, _ = precision_recall_fscore_support(
         y_true, y_pred, labels=class_ids, average="macro", zero_division=0
     )
-    _, class_recall, _, support = precision_recall_fscore_support(
+    class_precision, class_recall, class_f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=class_ids, average=None, zero_division=0
+    )
+    w_precision, w_recall, w_f1, _ = precision_recall_fscore_support(
+        y_true, y_pred, labels=class_ids, average="weighted", zero_division=0
     )
     matrix = confusion_matrix(y_true, y_pred, labels=class_ids)
 
@@ -199,6 +259,19 @@ def evaluate_onnx(onnx_path: str | Path, test_df: pd.DataFrame, thresholds: Thre
             results.append(
                 _check("min_class_recall", f"recall of class {labels[i]}", float(class_recall[i]), thresholds.min_class_recall)
             )
+
+    champion = None
+    if champion_onnx_path is not None:
+        _, champion_pred = predict_onnx(champion_onnx_path, pixels)
+        champion_accuracy = float(accuracy_score(y_true, champion_pred))
+        results.append(champion_check(accuracy, champion_accuracy, float(tolerance)))
+        champion = {
+            "onnx_path": str(champion_onnx_path),
+            "accuracy": champion_accuracy,
+            "n": len(y_true),
+            "tolerance": float(tolerance),
+            "accuracy_delta": accuracy - champion_accuracy,
+        }
 
     predictions = pd.DataFrame(
         {
@@ -222,28 +295,129 @@ def evaluate_onnx(onnx_path: str | Path, test_df: pd.DataFrame, thresholds: Thre
         blessed=all(ok for ok, _ in results),
         reasons=[reason for _, reason in results],
         thresholds=thresholds,
+        per_class_precision={labels[i]: float(class_precision[i]) for i in class_ids},
+        per_class_f1={labels[i]: float(class_f1[i]) for i in class_ids},
+        precision_weighted=float(w_precision),
+        recall_weighted=float(w_recall),
+        f1_weighted=float(w_f1),
+        roc_auc_ovr_macro=_roc_auc(y_true, probabilities),
+        champion=champion,
     )
 
 
 __all__ = [
+    "DEFAULT_CHAMPION_TOLERANCE",
     "Evaluation",
     "EvaluationError",
     "Thresholds",
+    "champion_check",
     "evaluate_onnx",
     "onnx_providers",
     "predict_onnx",
+    "production_onnx_path",
+    "report_html",
+    "run_evaluate",
+    "verdict_markdown",
 ]
 
 
-SCALAR_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
+SCALAR_METRICS = (
+    "accuracy",
+    "precision_macro",
+    "recall_macro",
+    "f1_macro",
+    "precision_weighted",
+    "recall_weighted",
+    "f1_weighted",
+)
+
+
+def production_onnx_path(store_root: str | Path | None, model_name: str) -> Path | None:
+    """The ONNX file of ``model_name``'s production version in the model store at
+    ``store_root``, or None when there is no store, no such model or no production alias."""
+    from kiln.store import ModelStore
+
+    if not store_root or not model_name:
+        return None
+    version = ModelStore(store_root).production(model_name)
+    return None if version is None else version.onnx_path
 
 
 def verdict_markdown(evaluation: Evaluation) -> str:
     """The blessing decision and each check behind it, as Markdown."""
     head = "Blessed: deploy" if evaluation.blessed else "Not blessed: not deployed"
     lines = [f"# {head}", "", f"Test images: {evaluation.n}", ""]
+    if evaluation.champion is None:
+        lines += ["Champion: none (no production model to compare with)", ""]
+    else:
+        c = evaluation.champion
+        lines += [f"Champion accuracy: {c['accuracy']:.4f} (challenger {evaluation.accuracy:.4f}, "
+                  f"tolerance {c['tolerance']:.4f})", ""]
     lines += [f"- {reason}" for reason in evaluation.reasons]
     return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+def report_html(evaluation: Evaluation, title: str = "kiln evaluation") -> str:
+    """A self-contained HTML page (no scripts, no external resources; every value
+    escaped): verdict, reasons, scalar metrics, per-class table and confusion matrix."""
+    e = html.escape
+    verdict = "Blessed" if evaluation.blessed else "Not blessed"
+    scalars = [
+        ("test images", str(evaluation.n)),
+        ("accuracy", _fmt(evaluation.accuracy)),
+        ("precision (macro)", _fmt(evaluation.precision_macro)),
+        ("recall (macro)", _fmt(evaluation.recall_macro)),
+        ("F1 (macro)", _fmt(evaluation.f1_macro)),
+        ("precision (weighted)", _fmt(evaluation.precision_weighted)),
+        ("recall (weighted)", _fmt(evaluation.recall_weighted)),
+        ("F1 (weighted)", _fmt(evaluation.f1_weighted)),
+        ("ROC AUC (one-vs-rest, macro)", _fmt(evaluation.roc_auc_ovr_macro)),
+    ]
+    if evaluation.champion is not None:
+        scalars += [
+            ("champion accuracy", _fmt(evaluation.champion["accuracy"])),
+            ("accuracy delta (challenger - champion)", f"{evaluation.champion['accuracy_delta']:+.4f}"),
+            ("champion tolerance", _fmt(evaluation.champion["tolerance"])),
+        ]
+    else:
+        scalars.append(("champion", "none (no production model)"))
+    rows = "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in scalars)
+    reasons = "".join(
+        f'<li class="{"pass" if r.startswith("PASS") else "fail"}">{e(r)}</li>' for r in evaluation.reasons
+    )
+    per_class = "".join(
+        f"<tr><th>{e(lbl)}</th><td>{_fmt(evaluation.per_class_precision.get(lbl))}</td>"
+        f"<td>{_fmt(evaluation.per_class_recall.get(lbl))}</td><td>{_fmt(evaluation.per_class_f1.get(lbl))}</td>"
+        f"<td>{e(str(evaluation.support.get(lbl, 0)))}</td></tr>"
+        for lbl in evaluation.labels
+    )
+    head = "".join(f"<th>{e(lbl)}</th>" for lbl in evaluation.labels)
+    matrix = "".join(
+        f"<tr><th>{e(lbl)}</th>"
+        + "".join(f'<td{" class=diag" if i == j else ""}>{int(v)}</td>' for j, v in enumerate(row))
+        + "</tr>"
+        for i, (lbl, row) in enumerate(zip(evaluation.labels, evaluation.confusion_matrix))
+    )
+    style = (
+        "body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;margin-bottom:1.5em}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}.pass{color:#176317}.fail{color:#a00}"
+        ".diag{background:#e3f2e3}"
+    )
+    return (
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{e(title)}</title><style>{style}</style></head>'
+        f"<body><h1>{e(title)}: {e(verdict)}</h1>"
+        f"<h2>Checks</h2><ul>{reasons}</ul>"
+        f"<h2>Metrics</h2><table>{rows}</table>"
+        f"<h2>Per class</h2><table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"
+        f"{per_class}</table>"
+        f"<h2>Confusion matrix</h2><p>rows: true class, columns: predicted class</p>"
+        f"<table><tr><th></th>{head}</tr>{matrix}</table>"
+        f"</body></html>\n"
+    )
 
 
 def run_evaluate(
@@ -253,18 +427,38 @@ def run_evaluate(
     verdict_path: str | Path,
     thresholds: Mapping[str, float] | None = None,
     log_metric: Callable[[str, float], None] | None = None,
+    champion_onnx_path: str | Path | None = None,
+    tolerance: float = DEFAULT_CHAMPION_TOLERANCE,
+    report_path: str | Path | None = None,
 ) -> Evaluation:
     """File-level entry point of the evaluate step.
 
-    Writes the per-image predictions (CSV: id, label, predicted, confidence) and the
-    verdict (Markdown); ``log_metric`` receives the scalar test metrics.
+    Writes the per-image predictions (CSV: id, label, predicted, confidence), the
+    verdict (Markdown) and, given ``report_path``, the HTML report; ``log_metric``
+    receives the scalar test metrics. ``champion_onnx_path`` is the production model
+    to beat (None: thresholds alone decide), see :func:`evaluate_onnx`.
     """
-    evaluation = evaluate_onnx(onnx_path, read_table(test_path, CLEAN_COLUMNS), Thresholds(**(thresholds or {})))
+    evaluation = evaluate_onnx(
+        onnx_path,
+        read_table(test_path, CLEAN_COLUMNS),
+        Thresholds(**(thresholds or {})),
+        champion_onnx_path=champion_onnx_path,
+        tolerance=tolerance,
+    )
     Path(predictions_path).parent.mkdir(parents=True, exist_ok=True)
     evaluation.predictions.to_csv(predictions_path, index=False)
+    Path(verdict_path).parent.mkdir(parents=True, exist_ok=True)
     Path(verdict_path).write_text(verdict_markdown(evaluation))
+    if report_path is not None:
+        Path(report_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(report_path).write_text(report_html(evaluation), encoding="utf-8")
     if log_metric is not None:
         for name in SCALAR_METRICS:
             log_metric(name, float(getattr(evaluation, name)))
+        if evaluation.roc_auc_ovr_macro is not None:
+            log_metric("roc_auc_ovr_macro", evaluation.roc_auc_ovr_macro)
+        if evaluation.champion is not None:
+            log_metric("champion_accuracy", evaluation.champion["accuracy"])
+            log_metric("champion_accuracy_delta", evaluation.champion["accuracy_delta"])
         log_metric("test_images", evaluation.n)
     return evaluation

@@ -321,6 +321,11 @@ __all__ = [
     "check_parity",
     "export_onnx",
     "read_metadata",
+    "export_variants",
+    "run_export_variants",
+    "MAX_VARIANT_ACCURACY_DROP",
+    "DEFAULT_VARIANTS",
+    "VARIANTS",
 ]
 
 
@@ -328,3 +333,164 @@ def run_export(checkpoint_path: str | Path, onnx_path: str | Path, val_path: str
                metadata: Mapping[str, str]) -> ExportReport:
     """File-level entry point of the export step: checkpoint + validation table -> checked ONNX file."""
     return export_onnx(checkpoint_path, onnx_path, read_table(val_path, CLEAN_COLUMNS), metadata)
+
+
+# --------------------------------------------------------------------------- variants
+
+MAX_VARIANT_ACCURACY_DROP = 0.003
+"""A variant ships only if its accuracy is at most this much (a fraction: 0.3 points)
+below the fp32 model's on the same table."""
+
+VARIANTS = ("int8", "fp16", "int8_dynamic")
+"""Variants :func:`export_variants` can build: ``int8`` (static QDQ quantisation,
+calibrated), ``fp16`` and ``int8_dynamic`` (dynamic quantisation: accurate, but ONNX
+Runtime's ConvInteger kernel is about 10x slower than fp32 on CPU, see bench/)."""
+
+DEFAULT_VARIANTS = ("int8", "fp16")
+
+CALIBRATION_IMAGES = 256
+"""Images used to calibrate the static int8 activation ranges."""
+
+
+def _quantize(src: Path, dst: Path, run) -> None:
+    """Run an onnxruntime quantiser ``run(src, dst)`` on a copy of ``src`` without
+    value_info. The exporter records value_info for the weights too; the quantiser
+    rewrites those initializers (e.g. transposes Gemm weights) and then trips over the
+    stale shapes in strict shape inference; it re-infers them itself."""
+    proto = onnx.load(str(src))
+    del proto.graph.value_info[:]
+    stripped = dst.with_name(dst.name + ".noinfo.onnx")
+    onnx.save_model(proto, str(stripped))
+    root = logging.getLogger()
+    was = root.disabled
+    root.disabled = True  # the quantiser's "consider pre-processing" warning goes to the root logger
+    try:
+        run(stripped, dst)
+    finally:
+        root.disabled = was
+        stripped.unlink(missing_ok=True)
+
+
+def _quantize_int8_dynamic(src: Path, dst: Path, calibration: np.ndarray) -> str:
+    """Dynamic int8 quantisation (weights int8, activations quantised per batch at run
+    time); Conv becomes ConvInteger, Gemm/MatMul become MatMulInteger."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    _quantize(src, dst, lambda a, b: quantize_dynamic(str(a), str(b), weight_type=QuantType.QInt8))
+    return "onnxruntime.quantization.quantize_dynamic(weight_type=QInt8)"
+
+
+def _quantize_int8_static(src: Path, dst: Path, calibration: np.ndarray) -> str:
+    """Static int8 quantisation in QDQ form: per-channel int8 weights, uint8 activations
+    whose ranges are calibrated (min/max) on ``calibration`` pixels. ONNX Runtime fuses
+    the QDQ pairs into QLinearConv / QGemm kernels at load time."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._batches = iter([{INPUT_NAME: calibration[i : i + 64]} for i in range(0, len(calibration), 64)])
+
+        def get_next(self):
+            return next(self._batches, None)
+
+    _quantize(src, dst, lambda a, b: quantize_static(
+        str(a), str(b), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+    ))
+    return f"onnxruntime.quantization.quantize_static(QDQ, per-channel QInt8 weights, QUInt8 activations, " \
+           f"MinMax calibration on {len(calibration)} images)" "onnxruntime.quantization.quantize_dynamic(weight_type=QInt8)"
+
+
+def _convert_fp16(src: Path, dst: Path, calibration: np.ndarray) -> str:
+    """Weights and activations in float16, inputs/outputs kept as the contract's types.
+    Uses the float16 converter that ships inside onnxruntime (a copy of
+    onnxconverter-common's), so no extra dependency is needed."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16  # ImportError if absent
+
+    proto = onnx.load(str(src))
+    converted = convert_float_to_float16(proto, keep_io_types=True)
+    onnx.save_model(converted, str(dst))
+    return "onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)"
+
+
+def export_variants(
+    onnx_path: str | Path,
+    out_dir: str | Path,
+    eval_df: pd.DataFrame,
+    max_drop: float = MAX_VARIANT_ACCURACY_DROP,
+    variants: Sequence[str] = DEFAULT_VARIANTS,
+    calibration_df: pd.DataFrame | None = None,
+) -> dict[str, Any]:
+    """Build reduced-precision variants of the exported model in ``out_dir`` and score
+    each against the fp32 model on the clean table ``eval_df``. Static int8 is calibrated
+    on the first :data:`CALIBRATION_IMAGES` images of ``calibration_df`` (default:
+    ``eval_df``; pass another table to keep calibration and scoring apart).
+
+    Returns a JSON-safe dict (also written to ``out_dir/variants.json``)::
+
+        {"baseline": {"path", "accuracy", "bytes"}, "n": int, "max_drop": float,
+         "variants": {"int8": {"path", "method", "accuracy", "accuracy_drop",
+                               "label_agreement", "bytes", "ships", "reason"}, ...}}
+
+    ``accuracy_drop`` is baseline accuracy - variant accuracy (a fraction). A variant
+    ships only if it loads, keeps the contract and its drop is <= ``max_drop``; a variant
+    that does not ship has its file removed and says why in ``reason``. A variant whose
+    converter is unavailable is recorded with ``ships: False`` and the reason.
+    """
+    from kiln.evaluate import EvaluationError, predict_onnx
+
+    onnx_path, out_dir = Path(onnx_path), Path(out_dir)
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; known: {list(VARIANTS)}")
+    if len(eval_df) == 0:
+        raise ValueError("variants need at least one evaluation image")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pixels, labels = to_arrays(eval_df)
+    _, base_pred = predict_onnx(onnx_path, pixels)
+    base_acc = float(np.mean(base_pred == labels))
+    calibration_pixels = to_arrays(eval_df if calibration_df is None else calibration_df)[0][:CALIBRATION_IMAGES]
+    builders = {"int8": _quantize_int8_static, "fp16": _convert_fp16, "int8_dynamic": _quantize_int8_dynamic}
+    results: dict[str, dict[str, Any]] = {}
+    for name in variants:
+        dst = out_dir / f"{onnx_path.stem}.{name}.onnx"
+        entry: dict[str, Any] = {"path": None, "method": None, "accuracy": None, "accuracy_drop": None,
+                                 "label_agreement": None, "bytes": None, "ships": False}
+        try:
+            entry["method"] = builders[name](onnx_path, dst, np.ascontiguousarray(calibration_pixels))
+            check_onnx_contract(onnx.load(str(dst)))
+            _, pred = predict_onnx(dst, pixels)
+        except ImportError as e:
+            entry["reason"] = f"converter not available: {e}"
+        except (ExportError, EvaluationError, ValueError, RuntimeError) as e:
+            entry["reason"] = f"variant failed: {e}"
+        else:
+            acc = float(np.mean(pred == labels))
+            drop = base_acc - acc
+            ships = drop <= max_drop + 1e-12
+            entry.update(
+                accuracy=acc,
+                accuracy_drop=drop,
+                label_agreement=float(np.mean(pred == base_pred)),
+                bytes=dst.stat().st_size,
+                ships=ships,
+                reason=f"accuracy drop {drop * 100:.2f} points {'<=' if ships else '>'} {max_drop * 100:.2f}",
+            )
+            if ships:
+                entry["path"] = str(dst)
+        if not entry["ships"]:
+            dst.unlink(missing_ok=True)
+        results[name] = entry
+    report = {
+        "baseline": {"path": str(onnx_path), "accuracy": base_acc, "bytes": onnx_path.stat().st_size},
+        "n": len(labels),
+        "max_drop": max_drop,
+        "variants": results,
+    }
+    (out_dir / "variants.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    return report
+
+
+def run_export_variants(onnx_path: str | Path, out_dir: str | Path, eval_path: str | Path) -> dict[str, Any]:
+    """File-level entry point: exported model + clean table -> ``out_dir`` of variants."""
+    return export_variants(onnx_path, out_dir, read_table(eval_path, CLEAN_COLUMNS))

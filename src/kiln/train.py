@@ -15,7 +15,9 @@ and :func:`load_checkpoint` rebuilds the network from that saved config alone.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import io
 import math
 import os
 import sys
@@ -150,6 +152,15 @@ class TrainResult:
     seconds: float
     device: str
     checkpoint_path: Path
+    world_size: int = 1
+    """Processes that trained together (torch.distributed); 1 for a plain run."""
+    weights_sha256: str = ""
+    loop_seconds: float = 0.0
+    """Time spent in the optimisation steps alone (augmentation, forward, backward,
+    optimiser), excluding data conversion, validation and checkpointing; the figure
+    to compare with a bare training loop."""
+    """sha256 over the best epoch's weights (names, dtypes, shapes, bytes), so runs and
+    distributed ranks can be compared without loading checkpoints."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form (paths as strings)."""
@@ -309,6 +320,52 @@ def _save_atomically(obj: Any, path: Path) -> None:
         raise
 
 
+def weights_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over a state dict's names, dtypes, shapes and raw bytes, in key order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in state_dict.items():
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class _Dist:
+    """This process's place in a torch.distributed job (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+    """True when :func:`train` initialised the process group and must destroy it."""
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def _setup_distributed(device: str) -> _Dist:
+    """Join the torch.distributed job this process belongs to, if any.
+
+    An already initialised default process group is used as is. Otherwise, when the
+    launcher (``torchrun``) set ``WORLD_SIZE`` > 1, the group is initialised from the
+    environment: NCCL when training on CUDA, gloo on CPU.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return _Dist()
+    backend = "nccl" if resolve_device(device).type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend)
+    return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns_group=True)
+
+
 def train(
     config: TrainConfig,
     train_df: pd.DataFrame,
@@ -323,10 +380,29 @@ def train(
     On CPU the run is deterministic: the same config, tables and thread count give the
     same history and weights. On CUDA it is seeded but not guaranteed bit-identical.
     The caller's global torch RNG state is left as it was.
+
+    Distributed data parallel: run under ``torchrun --nproc-per-node N`` (or inside an
+    initialised process group) and each of the N processes trains a DDP replica (on
+    ``cuda:LOCAL_RANK`` when the device is CUDA, else CPU with gloo). Every rank draws
+    the same shuffling and augmentation, takes its contiguous slice of each global batch
+    of ``batch_size`` images and scales its loss so the averaged gradient is the
+    gradient of the whole batch: the run follows the single-process one up to
+    floating-point reduction order, dropout masks and per-slice BatchNorm statistics.
+    BatchNorm running statistics are averaged over the ranks after each epoch, then
+    every rank validates on the whole validation table (so all stop together); rank 0
+    alone logs and writes the checkpoint.
     """
+    import torch.distributed as dist
+
     # --- setup ---
     checkpoint_path = Path(checkpoint_path)
+    ddp = _setup_distributed(config.device)
     device = resolve_device(config.device)
+    if ddp.active and device.type == "cuda":
+        device = torch.device("cuda", ddp.local_rank)
+        torch.cuda.set_device(device)
+    if ddp.rank != 0:
+        log = lambda _msg: None  # noqa: E731 (one voice per job)
     started = time.perf_counter()
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     warn_only_before = torch.is_deterministic_algorithms_warn_only_enabled()
@@ -337,7 +413,10 @@ def train(
         with torch.random.fork_rng(devices=rng_devices):  # don't disturb the caller's RNG
             torch.manual_seed(config.seed)
             generator = torch.Generator().manual_seed(config.seed)  # shuffling + augmentation
-            log(f"train: model={config.model} device={device} epochs<={config.epochs} seed={config.seed}")
+            log(
+                f"train: model={config.model} device={device} epochs<={config.epochs} seed={config.seed}"
+                + (f" world_size={ddp.world_size}" if ddp.active else "")
+            )
 
             # --- data ---
             train_x, train_y = _table_tensors(train_df, "train", device)
@@ -347,7 +426,13 @@ def train(
 
             # --- model & optimiser ---
             preprocess = Preprocess()
-            model = build_model(config).to(device)
+            net = build_model(config).to(device)
+            model: nn.Module = net
+            if ddp.active:
+                from torch.nn.parallel import DistributedDataParallel
+
+                # DDP broadcasts rank 0's initial weights and BatchNorm buffers.
+                model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
             optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
             # One-cycle: warm up then anneal to ~0 over the planned epochs. If early
             # stopping cuts the run short we keep the best epoch anyway.
@@ -359,22 +444,48 @@ def train(
             history: list[dict[str, float]] = []
             best_loss, best_acc, best_epoch = math.inf, 0.0, 0
             best_state: dict[str, torch.Tensor] = {}
-            bar = tqdm(range(1, config.epochs + 1), desc="epochs", unit="epoch", disable=None, file=sys.stderr)
+            loop_seconds = 0.0
+            bar = tqdm(range(1, config.epochs + 1), desc="epochs", unit="epoch",
+                       disable=None if ddp.rank == 0 else True, file=sys.stderr)
             for epoch in bar:
                 model.train()
                 order = torch.randperm(len(train_y), generator=generator).to(device)
                 running = 0.0
+                loop_started = time.perf_counter()
                 for start in range(0, len(order), config.batch_size):
                     idx = order[start : start + config.batch_size]
+                    # Augment the whole global batch (same draws on every rank), then slice.
                     x = preprocess(random_shift(train_x[idx], config.max_shift, generator))
-                    loss = F.cross_entropy(model(x), train_y[idx])
+                    y = train_y[idx]
+                    if ddp.active:
+                        part = torch.tensor_split(torch.arange(len(idx), device=device), ddp.world_size)[ddp.rank]
+                        x, y = x[part], y[part]
+                        # DDP averages gradients over ranks: sum / global batch * world_size
+                        # makes that average the gradient of the global batch's mean loss.
+                        loss_sum = F.cross_entropy(model(x), y, reduction="sum")
+                        loss = loss_sum * (ddp.world_size / len(idx))
+                    else:
+                        loss = F.cross_entropy(model(x), y)
+                        loss_sum = loss.detach() * len(idx)
                     optimiser.zero_grad(set_to_none=True)
                     loss.backward()
                     optimiser.step()
                     scheduler.step()
-                    running += loss.item() * len(idx)
+                    running += loss_sum.item()
+                if ddp.active:
+                    total = torch.tensor([running], dtype=torch.float64, device=device)
+                    dist.all_reduce(total)
+                    running = float(total.item())
+                    # Each rank's BatchNorm running statistics saw only its slices: average
+                    # them so every rank validates (and saves) the same network.
+                    with torch.no_grad():
+                        for buffer in net.buffers():
+                            if buffer.is_floating_point():
+                                dist.all_reduce(buffer)
+                                buffer.div_(ddp.world_size)
+                loop_seconds += time.perf_counter() - loop_started
                 train_loss = running / len(order)
-                val_loss, val_acc = _evaluate(model, preprocess, val_x, val_y, config.eval_batch_size)
+                val_loss, val_acc = _evaluate(net, preprocess, val_x, val_y, config.eval_batch_size)
                 row = {
                     "epoch": epoch,
                     "train_loss": train_loss,
@@ -386,7 +497,7 @@ def train(
                 improved = val_loss < best_loss
                 if improved:
                     best_loss, best_acc, best_epoch = val_loss, val_acc, epoch
-                    best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                    best_state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
                 bar.set_postfix(val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.4f}")
                 log(
                     f"epoch {epoch}: train_loss={train_loss:.4f} val_loss={val_loss:.4f} "
@@ -399,19 +510,24 @@ def train(
             if not best_state:  # every val_loss was NaN: training diverged
                 raise RuntimeError(f"training diverged: validation loss never finite ({history[-1]})")
 
-            # --- checkpoint ---
-            _save_atomically(
-                {
-                    "config": config.to_dict(),
-                    "state_dict": best_state,
-                    "history": history,
-                    "best_epoch": best_epoch,
-                    "kiln_version": kiln.__version__,
-                },
-                checkpoint_path,
-            )
+            # --- checkpoint (rank 0 only; the others wait until it is in place) ---
+            if ddp.rank == 0:
+                _save_atomically(
+                    {
+                        "config": config.to_dict(),
+                        "state_dict": best_state,
+                        "history": history,
+                        "best_epoch": best_epoch,
+                        "kiln_version": kiln.__version__,
+                    },
+                    checkpoint_path,
+                )
+            if ddp.active:
+                dist.barrier()
     finally:
         torch.use_deterministic_algorithms(deterministic_before, warn_only=warn_only_before)
+        if ddp.owns_group:
+            dist.destroy_process_group()
 
     seconds = time.perf_counter() - started
     log(f"train: best epoch {best_epoch} val_loss={best_loss:.4f} val_accuracy={best_acc:.4f} in {seconds:.1f}s")
@@ -424,6 +540,9 @@ def train(
         seconds=seconds,
         device=str(device),
         checkpoint_path=checkpoint_path,
+        world_size=ddp.world_size,
+        weights_sha256=weights_sha256(best_state),
+        loop_seconds=loop_seconds,
     )
 
 
@@ -483,13 +602,94 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "build_model",
+    "curves_png",
     "load_checkpoint",
     "predict_proba",
     "random_shift",
     "read_checkpoint",
     "resolve_device",
     "train",
+    "weights_sha256",
+    "write_curves",
 ]
+
+
+def curves_png(history: list[Mapping[str, float]], best_epoch: int | None = None) -> bytes:
+    """PNG bytes of the training curves: train/val loss (left) and val accuracy (right)
+    per epoch, the best epoch marked. Rendered with matplotlib's Agg backend (no display)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not history:
+        raise ValueError("no epochs to plot")
+    epochs = [int(r["epoch"]) for r in history]
+    fig = Figure(figsize=(9, 3.5), dpi=100)
+    FigureCanvasAgg(fig)  # Agg, whatever the global backend is
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    loss_ax.plot(epochs, [r["train_loss"] for r in history], "o-", label="train loss")
+    loss_ax.plot(epochs, [r["val_loss"] for r in history], "o-", label="val loss")
+    acc_ax.plot(epochs, [r["val_accuracy"] for r in history], "o-", color="tab:green", label="val accuracy")
+    for ax, title in ((loss_ax, "cross-entropy"), (acc_ax, "validation accuracy")):
+        if best_epoch:
+            ax.axvline(best_epoch, color="grey", linestyle="--", label=f"best epoch {best_epoch}")
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def write_curves(history: list[Mapping[str, float]], path: str | Path, best_epoch: int | None = None) -> Path:
+    """Write the curves to ``path``: a PNG file if it ends in ``.png``, otherwise a
+    self-contained HTML page with the PNG inline (base64) and the numbers in a table."""
+    path = Path(path)
+    png = curves_png(history, best_epoch)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".png":
+        path.write_bytes(png)
+        return path
+    rows = "".join(
+        f"<tr><td>{int(r['epoch'])}</td><td>{r['train_loss']:.4f}</td><td>{r['val_loss']:.4f}</td>"
+        f"<td>{r['val_accuracy']:.4f}</td><td>{r['lr']:.2e}</td></tr>"
+        for r in history
+    )
+    path.write_text(
+        '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>kiln training curves</title>'
+        "<style>body{font-family:sans-serif}td,th{border:1px solid #ccc;padding:2px 8px}"
+        "table{border-collapse:collapse}</style></head><body><h1>Training curves</h1>"
+        f'<img alt="training curves" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
+        "<table><tr><th>epoch</th><th>train loss</th><th>val loss</th><th>val accuracy</th><th>lr</th></tr>"
+        f"{rows}</table></body></html>\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def _run_torchrun(
+    train_path: str | Path, val_path: str | Path, checkpoint_path: str | Path, config: TrainConfig, nproc: int
+) -> TrainResult:
+    """Run ``python -m kiln.train`` under ``torchrun --standalone --nproc-per-node nproc``
+    and return rank 0's TrainResult. Raises RuntimeError if the job fails."""
+    import json
+    import subprocess
+
+    with tempfile.TemporaryDirectory(prefix="kiln-ddp-") as tmp:
+        result_path = Path(tmp) / "result.json"
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "kiln.train", "--train", str(train_path), "--val", str(val_path),
+            "--checkpoint", str(checkpoint_path), "--config", json.dumps(config.to_dict()), "--result", str(result_path),
+        ]
+        proc = subprocess.run(cmd, check=False)
+        if proc.returncode != 0 or not result_path.is_file():
+            raise RuntimeError(f"distributed training failed (exit {proc.returncode}): {' '.join(cmd)}")
+        data = json.loads(result_path.read_text())
+    data.pop("rank", None)
+    data["checkpoint_path"] = Path(data["checkpoint_path"])
+    return TrainResult(**data)
 
 
 def run_train(
@@ -498,15 +698,27 @@ def run_train(
     checkpoint_path: str | Path,
     overrides: Mapping[str, Any] | None = None,
     log_metric: Callable[[str, float], None] | None = None,
+    curves_path: str | Path | None = None,
+    nproc: int = 1,
 ) -> TrainResult:
     """File-level entry point of the train step: clean tables in, checkpoint out.
 
     ``overrides`` replace fields of the default TrainConfig (unknown keys are refused);
     ``log_metric`` receives the per-epoch curves and the best epoch's figures (e.g. a
-    KFP ``Output[Metrics].log_metric``).
+    KFP ``Output[Metrics].log_metric``); given ``curves_path``, the curves are plotted
+    there (see :func:`write_curves`: ``.png`` or inline-PNG HTML). ``nproc`` > 1 trains
+    with DDP in that many processes started by ``torchrun`` (one per GPU on CUDA; gloo
+    on CPU), see :func:`train`.
     """
     config = TrainConfig.from_dict({**TrainConfig().to_dict(), **(overrides or {})})
-    result = train(config, read_table(train_path, CLEAN_COLUMNS), read_table(val_path, CLEAN_COLUMNS), checkpoint_path)
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"nproc must be a positive int, got {nproc!r}")
+    if nproc == 1:
+        result = train(config, read_table(train_path, CLEAN_COLUMNS), read_table(val_path, CLEAN_COLUMNS), checkpoint_path)
+    else:
+        result = _run_torchrun(train_path, val_path, checkpoint_path, config, nproc)
+    if curves_path is not None:
+        write_curves(result.history, curves_path, result.best_epoch)
     if log_metric is not None:
         for row in result.history:
             for key in ("train_loss", "val_loss", "val_accuracy"):
@@ -516,3 +728,35 @@ def run_train(
         log_metric("best_val_accuracy", result.best_val_accuracy)
         log_metric("train_seconds", result.seconds)
     return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m kiln.train``: one training process, for launchers such as
+    ``torchrun --nproc-per-node N -m kiln.train --train T --val V --checkpoint C``.
+
+    ``--config`` is a JSON object of TrainConfig overrides; ``--result`` a path for the
+    TrainResult JSON, where ``{rank}`` is replaced by the process's rank (default: only
+    rank 0 writes it).
+    """
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m kiln.train", description=main.__doc__)
+    parser.add_argument("--train", required=True, help="clean training table (Parquet)")
+    parser.add_argument("--val", required=True, help="clean validation table (Parquet)")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint to write (rank 0)")
+    parser.add_argument("--config", default="{}", help="JSON object of TrainConfig overrides")
+    parser.add_argument("--result", default=None, help="TrainResult JSON path; '{rank}' is replaced by the rank")
+    args = parser.parse_args(argv)
+    config = TrainConfig.from_dict({**TrainConfig().to_dict(), **json.loads(args.config)})
+    result = train(config, read_table(args.train, CLEAN_COLUMNS), read_table(args.val, CLEAN_COLUMNS), args.checkpoint)
+    rank = int(os.environ.get("RANK", "0"))
+    if args.result and ("{rank}" in args.result or rank == 0):
+        out = Path(args.result.replace("{rank}", str(rank)))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({**result.to_dict(), "rank": rank}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -132,3 +133,86 @@ def test_export_rejects_reserved_or_non_string_metadata(trained, tables, tmp_pat
     with pytest.raises(ValueError, match="str to str"):
         export_onnx(trained.checkpoint, tmp_path / "m.onnx", tables.val, {"epochs": 3})  # type: ignore[dict-item]
     assert not (tmp_path / "m.onnx").exists()
+
+
+# --------------------------------------------------------------------------- variants
+
+
+@pytest.fixture(scope="module")
+def variants(exported, tables, tmp_path_factory):
+    from kiln.export import export_variants
+
+    out = tmp_path_factory.mktemp("variants")
+    return out, export_variants(exported.onnx_path, out, tables.test)
+
+
+def test_variants_are_scored_and_ship_only_within_the_accuracy_budget(variants, exported, tables) -> None:
+    import json
+
+    from kiln.evaluate import predict_onnx
+
+    out, report = variants
+    pixels, labels = to_arrays(tables.test)
+    base_pred = predict_onnx(exported.onnx_path, pixels)[1]
+    base_acc = float(np.mean(base_pred == labels))
+    assert report["baseline"]["accuracy"] == pytest.approx(base_acc) and report["n"] == len(labels)
+    assert set(report["variants"]) == {"int8", "fp16"}
+    for name, v in report["variants"].items():
+        # the decision follows the recorded drop: ship iff drop <= 0.3 points
+        assert v["ships"] == (v["accuracy_drop"] <= 0.003 + 1e-12), (name, v)
+        assert v["label_agreement"] >= 0.97, (name, v)  # a broken conversion would disagree wildly
+        assert v["bytes"] < report["baseline"]["bytes"]
+        file = out / f"{exported.onnx_path.stem}.{name}.onnx"
+        if v["ships"]:
+            assert Path(v["path"]) == file and file.is_file()
+            check_onnx_contract(onnx.load(str(file)))  # same interface as the fp32 model
+            acc = float(np.mean(predict_onnx(file, pixels)[1] == labels))
+            assert v["accuracy"] == pytest.approx(acc)
+            assert v["accuracy_drop"] == pytest.approx(base_acc - acc)
+        else:
+            assert v["path"] is None and not file.exists()
+    assert report["variants"]["fp16"]["ships"]  # fp16 of a small CNN is practically lossless
+    assert report["variants"]["int8"]["bytes"] < 0.4 * report["baseline"]["bytes"]
+    assert json.loads((out / "variants.json").read_text()) == json.loads(json.dumps(report))
+
+
+def test_int8_variants_quantise_the_convolutions(variants, exported, tables, tmp_path) -> None:
+    from kiln.export import export_variants
+
+    # static QDQ (the default int8): every Conv / Gemm weight goes through an int8 DequantizeLinear
+    static = export_variants(exported.onnx_path, tmp_path, tables.test.head(50), max_drop=1.0, variants=("int8",),
+                             calibration_df=tables.val)
+    assert "calibration on 200 images" in static["variants"]["int8"]["method"]
+    graph = onnx.load(static["variants"]["int8"]["path"]).graph
+    int8_weights = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT8}
+    dq_of_int8 = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int8_weights}
+    weighted = [n for n in graph.node if n.op_type in ("Conv", "Gemm")]
+    assert len(weighted) == 4 and all(n.input[1] in dq_of_int8 for n in weighted)
+    # dynamic: integer kernels
+    dynamic = export_variants(exported.onnx_path, tmp_path, tables.test.head(50), max_drop=1.0, variants=("int8_dynamic",))
+    ops = {n.op_type for n in onnx.load(dynamic["variants"]["int8_dynamic"]["path"]).graph.node}
+    assert {"ConvInteger", "MatMulInteger"} <= ops and "Conv" not in ops
+
+
+def test_variant_over_the_budget_does_not_ship(exported, tables, tmp_path) -> None:
+    from kiln.export import export_variants
+
+    # a negative budget cannot be met even by a lossless variant
+    report = export_variants(exported.onnx_path, tmp_path, tables.test, max_drop=-0.01, variants=("fp16",))
+    v = report["variants"]["fp16"]
+    assert not v["ships"] and v["path"] is None and v["accuracy_drop"] is not None
+    assert v["reason"].startswith("accuracy drop") and ">" in v["reason"]
+    assert not list(tmp_path.glob("*.fp16.onnx"))
+
+
+def test_missing_converter_is_recorded_not_raised(exported, tables, tmp_path, monkeypatch) -> None:
+    import sys
+
+    from kiln.export import export_variants
+
+    monkeypatch.setitem(sys.modules, "onnxruntime.transformers.float16", None)  # import now fails
+    report = export_variants(exported.onnx_path, tmp_path, tables.test.head(50), variants=("fp16",))
+    v = report["variants"]["fp16"]
+    assert not v["ships"] and v["reason"].startswith("converter not available")
+    with pytest.raises(ValueError, match="unknown variant"):
+        export_variants(exported.onnx_path, tmp_path, tables.test, variants=("int4",))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -187,3 +188,111 @@ def test_load_checkpoint_rejects_missing_and_mismatched_files(trained, tmp_path)
     torch.save({"state_dict": ckpt["state_dict"]}, tmp_path / "noconfig.pt")
     with pytest.raises(CheckpointError, match="missing \\['config'\\]"):
         load_checkpoint(tmp_path / "noconfig.pt")
+
+
+def test_curves_are_plotted_as_png_and_inline_html(trained, tmp_path) -> None:
+    import base64
+    import re
+
+    from PIL import Image
+
+    from kiln.train import curves_png, write_curves
+
+    history = trained.result.history
+    png_path = write_curves(history, tmp_path / "curves.png", trained.result.best_epoch)
+    assert png_path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    page = write_curves(history, tmp_path / "curves.html", trained.result.best_epoch).read_text()
+    (encoded,) = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    image = Image.open(io.BytesIO(base64.b64decode(encoded)))
+    assert image.format == "PNG" and image.size == (900, 350)
+    assert page.count("<tr><td>") == len(history)  # one table row per epoch
+    assert f"{history[-1]['val_loss']:.4f}" in page and "http" not in page
+    # the plot depends on the numbers: different curves, different picture
+    changed = [{**r, "val_loss": r["val_loss"] * 3} for r in history]
+    assert curves_png(changed) != curves_png(history)
+    with pytest.raises(ValueError, match="no epochs"):
+        curves_png([])
+
+
+def test_run_train_writes_curves_and_logs_metrics(tables, tmp_path) -> None:
+    from kiln.train import run_train
+
+    for name in ("train", "val"):
+        getattr(tables, name).to_parquet(tmp_path / f"{name}.parquet")
+    logged: dict[str, float] = {}
+    result = run_train(tmp_path / "train.parquet", tmp_path / "val.parquet", tmp_path / "m.pt",
+                       {"model": "mlp", "epochs": 1, "device": "cpu"}, log_metric=logged.__setitem__,
+                       curves_path=tmp_path / "out" / "curves.html")
+    assert result.epochs_run == 1 and logged["best_epoch"] == 1 and "epoch01_val_loss" in logged
+    assert 0 < result.loop_seconds < result.seconds  # the steps alone, without data prep and validation
+    assert "data:image/png;base64," in (tmp_path / "out" / "curves.html").read_text()
+
+
+# --------------------------------------------------------------------------- distributed (DDP, gloo on CPU)
+
+
+def _torchrun(tmp_path, name: str, overrides: dict, nproc: int = 2) -> list[dict]:
+    """Train under ``torchrun --nproc-per-node nproc -m kiln.train``; the ranks' results."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+         "-m", "kiln.train", "--train", str(tmp_path / "train.parquet"), "--val", str(tmp_path / "val.parquet"),
+         "--checkpoint", str(tmp_path / f"{name}.pt"), "--config", json.dumps(overrides),
+         "--result", str(tmp_path / f"{name}_{{rank}}.json")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads((tmp_path / f"{name}_{rank}.json").read_text()) for rank in range(nproc)]
+
+
+@pytest.fixture(scope="module")
+def ddp_tables(tables, tmp_path_factory):
+    d = tmp_path_factory.mktemp("ddp")
+    small_train, small_val = tables.train.head(400), tables.val
+    small_train.to_parquet(d / "train.parquet")
+    small_val.to_parquet(d / "val.parquet")
+    return d, small_train, small_val
+
+
+def test_ddp_two_ranks_match_single_process_run(ddp_tables) -> None:
+    d, small_train, small_val = ddp_tables
+    # no dropout and no BatchNorm: the only difference left is reduction order
+    overrides = dict(model="mlp", epochs=2, batch_size=32, dropout=0.0, device="cpu", patience=0, seed=3)
+    single = train(TrainConfig(**overrides), small_train, small_val, d / "single.pt", log=lambda _: None)
+    rank0, rank1 = _torchrun(d, "mlp", overrides)
+    assert rank0["world_size"] == rank1["world_size"] == 2 and single.world_size == 1
+    assert rank0["weights_sha256"] == rank1["weights_sha256"]  # both ranks end with identical weights
+    assert rank0["history"] == rank1["history"]
+    ckpt = read_checkpoint(d / "mlp.pt")
+    assert train_mod.weights_sha256(ckpt["state_dict"]) == rank0["weights_sha256"]
+    expected = read_checkpoint(d / "single.pt")["state_dict"]
+    assert list(ckpt["state_dict"]) == list(expected)  # no "module." prefix from DDP
+    for key, value in expected.items():
+        torch.testing.assert_close(ckpt["state_dict"][key], value, atol=1e-4, rtol=1e-4)
+    for got, want in zip(rank0["history"], single.history, strict=True):
+        assert got["val_accuracy"] == pytest.approx(want["val_accuracy"], abs=0.006)
+        assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-4)
+        assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-4)
+
+
+def test_ddp_cnn_ranks_agree_including_batchnorm_buffers(ddp_tables) -> None:
+    d, _, _ = ddp_tables
+    overrides = dict(model="cnn", epochs=1, batch_size=32, device="cpu", seed=0)
+    rank0, rank1 = _torchrun(d, "cnn", overrides)
+    assert rank0["weights_sha256"] == rank1["weights_sha256"] and rank0["history"] == rank1["history"]
+    assert rank0["history"][0]["val_accuracy"] > 0.3  # it learnt something in one epoch
+
+
+def test_run_train_with_two_processes_launches_torchrun(ddp_tables) -> None:
+    from kiln.train import run_train
+
+    d, _, _ = ddp_tables
+    result = run_train(d / "train.parquet", d / "val.parquet", d / "run.pt", {"model": "mlp", "epochs": 1, "device": "cpu"},
+                       curves_path=d / "run_curves.html", nproc=2)
+    assert result.world_size == 2 and result.checkpoint_path == d / "run.pt"
+    assert train_mod.weights_sha256(read_checkpoint(d / "run.pt")["state_dict"]) == result.weights_sha256
+    assert (d / "run_curves.html").is_file()
+    with pytest.raises(ValueError, match="nproc"):
+        run_train(d / "train.parquet", d / "val.parquet", d / "x.pt", nproc=0)

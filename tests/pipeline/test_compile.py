@@ -45,12 +45,12 @@ def test_image_comes_from_the_builder_and_kfp_is_not_reinstalled(tmp_path: Path)
         assert "from kiln." in " ".join(container["command"])  # the body calls into kiln
 
 
-def test_cluster_flavour_mounts_the_model_store_in_deploy_only(tmp_path: Path) -> None:
+def test_cluster_flavour_mounts_the_model_store_where_it_is_used(tmp_path: Path) -> None:
     docs = list(yaml.safe_load_all(compile_to(tmp_path)))
     spec, platform = docs[0], docs[1]
     assert spec["root"]["inputDefinitions"]["parameters"]["model_store"]["defaultValue"] == "/mnt/models"
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert sorted(executors) == ["exec-deploy", "exec-drift"]  # the steps that touch the store
+    assert sorted(executors) == ["exec-deploy", "exec-drift", "exec-evaluate"]  # the steps that touch the store
     assert all(e["pvcMount"][0]["mountPath"] == "/mnt/models" for e in executors.values())
 
 

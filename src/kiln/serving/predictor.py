@@ -256,8 +256,25 @@ class OnnxPredictor:
         Raises InferenceInputError when the inputs or output names do not fit the model,
         InferenceError when ONNX Runtime fails anyway, ModelLoadError if not loaded.
         """
+        return self.run(self.validate(inputs), output_names)
+
+    @property
+    def batchable(self) -> bool:
+        """True when every input and output has a dynamic first (batch) dimension.
+
+        Only then can requests be concatenated along axis 0 and the outputs split back.
+        """
+        specs = self._inputs + self._outputs
+        return bool(self._inputs) and all(len(s.shape) >= 1 and s.shape[0] == -1 for s in specs)
+
+    def validate(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``inputs`` checked against the model (InferenceInputError) as a contiguous feed."""
+        self._require_ready()
+        return self._validate(inputs)
+
+    def run(self, feed: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Run an already validated ``feed`` (see ``validate``); errors as in ``predict``."""
         session = self._require_ready()
-        feed = self._validate(inputs)
         known = {s.name for s in self._outputs}
         names = [s.name for s in self._outputs] if output_names is None else list(output_names)
         unknown = [n for n in names if n not in known]

@@ -2,9 +2,17 @@
 
 One model name is served. Its ``production`` version is loaded at startup and answers
 ``/v2/models/{model}/...``; every stored version is also addressable (and loaded on first
-use) under ``/v2/models/{model}/versions/{version}/...``. The production alias is read
-once, at startup: a deployment moves it and then restarts (or rolls) the server, so one
-process never changes what it serves underneath its clients.
+use) under ``/v2/models/{model}/versions/{version}/...``, the last ``keep_versions`` loaded
+ones staying in memory. The production alias is polled every ``poll_interval_s``: when it
+moves, the new version is loaded in the background (checksum, session, warm-up) and then
+swapped in atomically; a version that fails to load is logged and counted, and the old
+one keeps serving.
+
+Concurrent requests to one version are merged into one inference (dynamic batching, see
+``kiln.serving.batching``); inference runs in an executor so health probes always answer.
+On SIGTERM (``main``) readiness turns false at once, requests keep being served for
+``drain_delay_s`` (so the load balancer stops sending), then in-flight requests finish
+and the process exits 0.
 
 Besides JSON tensors the server speaks Triton's binary tensor data extension, so
 ``tritonclient.http`` works with ``binary_data`` on or off, and it accepts gzip or
@@ -20,21 +28,27 @@ strings cannot carry arbitrary bytes). It is decoded to the model's uint8 ``pixe
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import binascii
+import contextlib
 import io
 import json
 import logging
 import math
-import os
+import signal
 import struct
 import sys
 import threading
 import time
+import weakref
 import zlib
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any
 
 import numpy as np
@@ -47,6 +61,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     GCCollector,
     Histogram,
     PlatformCollector,
@@ -60,6 +75,8 @@ from starlette.requests import ClientDisconnect
 
 from kiln import __version__
 from kiln.contract import IMAGE_SIZE, INPUT_NAME
+from kiln.serving.batching import Batcher
+from kiln.serving.config import DEFAULT_MAX_BODY_BYTES, ServerSettings
 from kiln.serving.predictor import (
     V2_TO_NUMPY,
     InferenceError,
@@ -74,7 +91,6 @@ log = logging.getLogger(__name__)
 
 SERVER_NAME = "kiln"
 EXTENSIONS = ["binary_tensor_data"]
-DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 HEADER_LENGTH = "Inference-Header-Content-Length"
 IMAGE_INPUT = "image"
 """The extra BYTES input holding PNGs, decoded into the contract's ``pixels``."""
@@ -130,10 +146,13 @@ class InferenceRequest(BaseModel):
 
 
 class ModelRepository:
-    """The served model's versions: production loaded at startup, the others on first use.
+    """The served model's versions: production, and an LRU of other loaded versions.
 
-    ``get`` blocks (it may hash and load a model), so callers on the event loop run it in
-    the thread pool. Versions are immutable in the store, so a loaded predictor stays valid.
+    ``get`` and ``load_version`` block (they may hash and load a model), so callers on the
+    event loop run them in the thread pool. Versions are immutable in the store, so a
+    loaded predictor stays valid. At most ``keep_versions`` predictors stay loaded; the
+    production one is never evicted. ``production`` is replaced by one assignment, so a
+    request sees the old version or the new one, never a mix.
     """
 
     def __init__(
@@ -143,13 +162,20 @@ class ModelRepository:
         *,
         providers: Sequence[str],
         intra_op_threads: int | None = None,
+        keep_versions: int = 3,
+        on_load: Callable[[str, bool], None] | None = None,
     ) -> None:
+        if keep_versions < 1:
+            raise ValueError("keep_versions must be at least 1")
         self.store = store
         self.model_name = model_name
         self.providers = list(providers)
         self.intra_op_threads = intra_op_threads
+        self.keep_versions = keep_versions
+        self.on_load = on_load
         self.production: OnnxPredictor | None = None
-        self._predictors: dict[str, OnnxPredictor] = {}
+        self._loaded: OrderedDict[str, OnnxPredictor] = OrderedDict()  # least recently used first
+        self._pending: dict[str, OnnxPredictor] = {}  # constructed, being loaded
         self._lock = threading.Lock()
 
     def load_production(self) -> None:
@@ -165,9 +191,69 @@ class ModelRepository:
         if version is None:
             log.warning("model %s has no production version in %s: not ready", self.model_name, self.store.root)
             return
-        predictor = self._predictor(version)
-        predictor.load()
-        self.production = predictor
+        self.set_production(self.load_version(version))
+
+    def set_production(self, predictor: OnnxPredictor) -> None:
+        """Serve the loaded ``predictor`` as production from the next request on."""
+        with self._lock:
+            self._loaded[predictor.version] = predictor
+            self._loaded.move_to_end(predictor.version)
+            self.production = predictor
+            self._evict()
+
+    def load_version(self, version: str) -> OnnxPredictor:
+        """The loaded predictor of ``version`` (loading it now if needed); ModelLoadError."""
+        with self._lock:
+            predictor = self._loaded.get(version)
+            if predictor is not None:
+                self._loaded.move_to_end(version)
+                return predictor
+            predictor = self._pending.get(version)
+            if predictor is None:
+                try:
+                    model_version = self.store.get(self.model_name, version)
+                except StoreError as e:
+                    self._report(version, False)
+                    raise ModelLoadError(str(e)) from e
+                predictor = OnnxPredictor(
+                    model_version, providers=self.providers, intra_op_threads=self.intra_op_threads
+                )
+                self._pending[version] = predictor
+        try:
+            was_ready = predictor.ready
+            predictor.load()  # outside our lock: the predictor's own lock serialises loads of one version
+        except ModelLoadError:
+            with self._lock:
+                if self._pending.get(version) is predictor:
+                    del self._pending[version]  # the next request tries again
+            self._report(version, False)
+            raise
+        with self._lock:
+            if self._pending.get(version) is predictor:
+                del self._pending[version]
+            current = self._loaded.setdefault(version, predictor)
+            self._loaded.move_to_end(version)
+            self._evict()
+        if not was_ready and current is predictor:
+            self._report(version, True)
+        return current
+
+    def loaded_versions(self) -> list[str]:
+        """Versions held loaded, least recently used first."""
+        with self._lock:
+            return list(self._loaded)
+
+    def _evict(self) -> None:
+        while len(self._loaded) > self.keep_versions:
+            victim = next((v for v, p in self._loaded.items() if p is not self.production), None)
+            if victim is None:
+                return
+            del self._loaded[victim]
+            log.info("unloaded %s version %s (keeping %d versions)", self.model_name, victim, self.keep_versions)
+
+    def _report(self, version: str, ok: bool) -> None:
+        if self.on_load is not None:
+            self.on_load(version, ok)
 
     def versions(self) -> list[str]:
         return self.store.versions(self.model_name)
@@ -181,32 +267,17 @@ class ModelRepository:
         if model != self.model_name:
             raise ApiError(404, f"unknown model {model!r}")
         if version is None:
-            if self.production is None:
+            production = self.production
+            if production is None:
                 raise ApiError(503, f"model {model!r} has no production version loaded")
-            return self.production
+            return production
         if not version.isdigit() or version not in self.versions():
             raise ApiError(404, f"unknown version {version!r} of model {model!r}")
-        predictor = self._predictor(version)
         try:
-            predictor.load()
+            return self.load_version(version)
         except ModelLoadError as e:
             log.error("cannot load %s version %s: %s", model, version, e)
             raise ApiError(503, f"version {version} of model {model!r} cannot be loaded: {e}") from e
-        return predictor
-
-    def _predictor(self, version: str) -> OnnxPredictor:
-        with self._lock:
-            predictor = self._predictors.get(version)
-            if predictor is None:
-                try:
-                    model_version = self.store.get(self.model_name, version)
-                except StoreError as e:
-                    raise ModelLoadError(str(e)) from e
-                predictor = OnnxPredictor(
-                    model_version, providers=self.providers, intra_op_threads=self.intra_op_threads
-                )
-                self._predictors[version] = predictor
-            return predictor
 
 
 # --- request decoding ---------------------------------------------------------------------
@@ -477,17 +548,26 @@ def _to_json(array: np.ndarray, datatype: str) -> list[Any]:
     return array.ravel().tolist()
 
 
-def _infer(predictor: OnnxPredictor, body: bytes, headers: Mapping[str, str], limit: int) -> Response:
-    """Decompress, decode, predict, encode: the blocking part of an inference request."""
+def _decode(
+    predictor: OnnxPredictor, body: bytes, headers: Mapping[str, str], limit: int
+) -> tuple[InferenceRequest, dict[str, np.ndarray], list[tuple[str, bool]]]:
+    """Decompress, parse, decode and validate: (request, model feed, wanted outputs)."""
     body = _decompress(body, headers.get("content-encoding"), limit)
     header, binary = _split_body(body, headers.get(HEADER_LENGTH))
     request = _parse_request(header)
     inputs = _decode_inputs(request, binary, predictor)
     wanted = _requested_outputs(request, predictor)
     try:
-        results = predictor.predict(inputs, [name for name, _ in wanted])
+        feed = predictor.validate(inputs)
     except InferenceInputError as e:
         raise ApiError(400, str(e)) from e
+    return request, feed, wanted
+
+
+def _encode(
+    predictor: OnnxPredictor, request: InferenceRequest, wanted: list[tuple[str, bool]], results: Mapping[str, np.ndarray]
+) -> Response:
+    """The V2 response (JSON, or JSON + binary tensor data) for the ``wanted`` outputs."""
     datatypes = {s.name: s.datatype for s in predictor.outputs}
     outputs: list[dict[str, Any]] = []
     blobs: list[bytes] = []
@@ -519,6 +599,76 @@ def _error(status_code: int, message: str, headers: dict[str, str] | None = None
     return JSONResponse({"error": message}, status_code=status_code, headers=headers)
 
 
+# --- metrics --------------------------------------------------------------------------------
+
+_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class ServerMetrics:
+    """The server's Prometheus metrics, in a registry of its own (one per application)."""
+
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry()
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+        self.requests = Counter(
+            "kiln_inference_requests",
+            "Inference requests by model, version and HTTP status code.",
+            ["model", "version", "code"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "kiln_inference_request_duration_seconds",
+            "Inference request latency (total), body read to response built.",
+            ["model", "version"],
+            registry=registry,
+            buckets=_LATENCY_BUCKETS,
+        )
+        self.queue = Histogram(
+            "kiln_inference_queue_duration_seconds",
+            "Time a request waited in the batching queue before its inference started.",
+            ["model", "version"],
+            registry=registry,
+            buckets=_LATENCY_BUCKETS,
+        )
+        self.compute = Histogram(
+            "kiln_inference_compute_duration_seconds",
+            "ONNX Runtime time of one inference run (one batch).",
+            ["model", "version"],
+            registry=registry,
+            buckets=_LATENCY_BUCKETS,
+        )
+        self.batch_rows = Histogram(
+            "kiln_inference_batch_size",
+            "Rows (first-dimension elements) per inference run.",
+            ["model", "version"],
+            registry=registry,
+            buckets=_BATCH_BUCKETS,
+        )
+        self.batch_requests = Histogram(
+            "kiln_inference_batch_requests",
+            "Requests merged into one inference run.",
+            ["model", "version"],
+            registry=registry,
+            buckets=_BATCH_BUCKETS,
+        )
+        self.loads = Counter(
+            "kiln_model_loads",
+            "Model version loads by model, version and result (success, failure).",
+            ["model", "version", "result"],
+            registry=registry,
+        )
+        self.production_version = Gauge(
+            "kiln_model_production_version",
+            "The version number served as production (0: none).",
+            ["model"],
+            registry=registry,
+        )
+        self.draining = Gauge("kiln_server_draining", "1 while the server drains before shutting down.", registry=registry)
+
+
 # --- the application ----------------------------------------------------------------------
 
 
@@ -529,47 +679,125 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     providers: Sequence[str] | None = None,
     intra_op_threads: int | None = None,
+    batching: bool = True,
+    max_batch_size: int = 64,
+    max_queue_delay_us: int = 500,
+    poll_interval_s: float = 2.0,
+    keep_versions: int = 3,
 ) -> FastAPI:
     """The V2 application serving ``model_name`` from the model store at ``store_root``.
 
     Nothing is loaded until the application's lifespan starts (the production version
     then, other versions on first use). ``providers`` defaults to ``providers_from_env()``;
-    ``intra_op_threads`` to the container's CPU quota. Each application has its own
-    Prometheus registry, exposed at ``/metrics``.
+    ``intra_op_threads`` to the container's CPU quota. ``poll_interval_s`` 0 turns hot
+    reload off. Each application has its own Prometheus registry, exposed at ``/metrics``.
+    ``app.state.draining = True`` turns readiness false (``main`` does so on SIGTERM).
     """
+    if max_body_bytes <= 0 or max_batch_size < 1 or max_queue_delay_us < 0 or poll_interval_s < 0:
+        raise ValueError("max_body_bytes and max_batch_size must be positive, delays not negative")
+    metrics = ServerMetrics()
+
+    def on_load(version: str, ok: bool) -> None:
+        metrics.loads.labels(model_name, version, "success" if ok else "failure").inc()
+
     repo = ModelRepository(
         ModelStore(store_root),
         model_name,
         providers=providers_from_env() if providers is None else providers,
         intra_op_threads=intra_op_threads,
+        keep_versions=keep_versions,
+        on_load=on_load,
     )
+    metrics.production_version.labels(model_name).set(0)
+    # Inference runs here, off the event loop and apart from the request thread pool.
+    executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kiln-infer")
+    batchers: weakref.WeakKeyDictionary[OnnxPredictor, Batcher] = weakref.WeakKeyDictionary()
 
-    registry = CollectorRegistry()
-    ProcessCollector(registry=registry)
-    PlatformCollector(registry=registry)
-    GCCollector(registry=registry)
-    requests_total = Counter(
-        "kiln_inference_requests",
-        "Inference requests by model, version and HTTP status code.",
-        ["model", "version", "code"],
-        registry=registry,
-    )
-    latency = Histogram(
-        "kiln_inference_request_duration_seconds",
-        "Inference request latency, body read to response built.",
-        ["model", "version"],
-        registry=registry,
-        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
-    )
+    def batcher_for(predictor: OnnxPredictor) -> Batcher:
+        batcher = batchers.get(predictor)
+        if batcher is None:
+            labels = (predictor.name, predictor.version)
+
+            def observe(requests: int, rows: int, compute_s: float) -> None:
+                metrics.batch_requests.labels(*labels).observe(requests)
+                metrics.batch_rows.labels(*labels).observe(rows)
+                metrics.compute.labels(*labels).observe(compute_s)
+
+            batcher = Batcher(
+                predictor,
+                executor,
+                max_batch_size=max_batch_size if batching else 1,
+                max_queue_delay_s=max_queue_delay_us / 1e6 if batching else 0.0,
+                observe=observe,
+            )
+            batchers[predictor] = batcher
+        return batcher
+
+    state: dict[str, Any] = {"failed": None}  # the alias target that last failed to load
+
+    async def reload_once() -> None:
+        """Follow the production alias once: load a new target, swap it in if it loads."""
+        try:
+            version = await run_in_threadpool(repo.store.alias, model_name)
+        except StoreError as e:
+            log.error("cannot read the production alias of %s: %s", model_name, e)
+            return
+        current = repo.production
+        if version is None:
+            return
+        if current is not None and current.version == version:
+            state["failed"] = None  # moved back: a later move to the failed version retries it
+            return
+        if version == state["failed"]:
+            return  # not retried every poll; moving the alias away and back retries it
+        log.info("production alias of %s moved to version %s: loading it", model_name, version)
+        try:
+            predictor = await run_in_threadpool(repo.load_version, version)
+        except ModelLoadError as e:
+            state["failed"] = version
+            log.error("version %s of %s cannot be loaded, still serving %s: %s",
+                      version, model_name, current.version if current else "nothing", e)
+            return
+        state["failed"] = None
+        repo.set_production(predictor)
+        metrics.production_version.labels(model_name).set(int(version))
+        log.info("%s now serves version %s in production", model_name, version)
+
+    async def poll() -> None:
+        while True:
+            await asyncio.sleep(poll_interval_s)
+            try:
+                await reload_once()
+            except Exception:  # never let one bad poll end hot reload
+                log.exception("hot reload of %s failed", model_name)
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.draining = False
         await run_in_threadpool(repo.load_production)
-        yield
+        if repo.production is not None:
+            metrics.production_version.labels(model_name).set(int(repo.production.version))
+        poller = asyncio.create_task(poll()) if poll_interval_s > 0 else None
+        try:
+            yield
+        finally:
+            # uvicorn runs this after in-flight requests have finished.
+            app.state.draining = True
+            metrics.draining.set(1)
+            if poller is not None:
+                poller.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await poller
+            for batcher in list(batchers.values()):
+                await batcher.close()
+            await asyncio.to_thread(executor.shutdown, wait=True)
 
     app = FastAPI(title="kiln model server", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.repository = repo
-    app.state.registry = registry
+    app.state.registry = metrics.registry
+    app.state.metrics = metrics
+    app.state.draining = False
+    app.state.reload_once = reload_once
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -599,6 +827,8 @@ def create_app(
 
     @app.get("/v2/health/ready")
     async def ready() -> dict[str, bool]:
+        if app.state.draining:
+            raise ApiError(503, "the server is shutting down")
         if repo.production is None:
             raise ApiError(503, f"model {model_name!r} has no production version loaded")
         return {"ready": True}
@@ -617,12 +847,21 @@ def create_app(
         start = time.perf_counter()
         labels = (_UNKNOWN, _UNKNOWN)
         try:
-            predictor = await run_in_threadpool(repo.get, model, version)
+            if version is None:
+                predictor = repo.get(model)  # production: never blocks
+            else:
+                predictor = await run_in_threadpool(repo.get, model, version)
             labels = (predictor.name, predictor.version)
             body = await _read_body(request, max_body_bytes)
             # Parsing a large JSON body is as CPU-bound as the model itself: keep both
             # off the event loop so health checks and other requests stay responsive.
-            response = await run_in_threadpool(_infer, predictor, body, request.headers, max_body_bytes)
+            parsed, feed, wanted = await run_in_threadpool(_decode, predictor, body, request.headers, max_body_bytes)
+            try:
+                result = await batcher_for(predictor).infer(feed)
+            except InferenceInputError as e:
+                raise ApiError(400, str(e)) from e
+            metrics.queue.labels(*labels).observe(result.queue_s)
+            response = await run_in_threadpool(_encode, predictor, parsed, wanted, result.outputs)
         except ClientDisconnect:
             log.info("client went away while sending a request to %s version %s", *labels)
             response = _error(400, "client disconnected")
@@ -635,8 +874,8 @@ def create_app(
             # Caught here rather than by the app's handler so the request is still counted.
             log.exception("unhandled error in inference on %s version %s", *labels)
             response = _error(500, "internal server error")
-        requests_total.labels(*labels, str(response.status_code)).inc()
-        latency.labels(*labels).observe(time.perf_counter() - start)
+        metrics.requests.labels(*labels, str(response.status_code)).inc()
+        metrics.latency.labels(*labels).observe(time.perf_counter() - start)
         return response
 
     @app.get("/v2/models/{model}")
@@ -664,44 +903,138 @@ def create_app(
         return await _infer_endpoint(request, model, version)
 
     @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    async def metrics_endpoint() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
 
+def create_app_from_settings(
+    settings: ServerSettings, *, providers: Sequence[str] | None = None, intra_op_threads: int | None = None
+) -> FastAPI:
+    """``create_app`` configured by ``settings``."""
+    return create_app(
+        settings.model_store,
+        settings.model_name,
+        max_body_bytes=settings.max_body_bytes,
+        providers=providers,
+        intra_op_threads=intra_op_threads,
+        batching=settings.batching,
+        max_batch_size=settings.max_batch_size,
+        max_queue_delay_us=settings.max_queue_delay_us,
+        poll_interval_s=settings.poll_interval_s,
+        keep_versions=settings.keep_versions,
+    )
+
+
+# --- the process ----------------------------------------------------------------------------
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, with a drain in front of its graceful shutdown.
+
+    On the first SIGTERM (or SIGINT) readiness turns false at once; requests keep being
+    served for ``drain_delay_s`` (SIGINT: no delay) so load balancers stop routing here;
+    then uvicorn stops accepting, lets in-flight requests finish and runs the lifespan
+    shutdown. A second signal exits without waiting. The signal is not re-raised after
+    the shutdown, so a drained server exits 0.
+    """
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_delay_s: float) -> None:
+        super().__init__(config)
+        self.app = app
+        self.drain_delay_s = drain_delay_s
+        self._timer: threading.Timer | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.app.state.draining or self.should_exit:
+            self.should_exit = True
+            self.force_exit = True
+            return
+        log.info("signal %d: not ready any more, draining for %.1f s", sig, self.drain_delay_s)
+        self.app.state.draining = True
+        self.app.state.metrics.draining.set(1)
+        if sig == signal.SIGTERM and self.drain_delay_s > 0:
+            self._timer = threading.Timer(self.drain_delay_s, self._begin_shutdown)
+            self._timer.daemon = True
+            self._timer.start()
+        else:
+            self._begin_shutdown()
+
+    def _begin_shutdown(self) -> None:
+        self.should_exit = True
+
+
+def _env_name(field: str) -> str:
+    return f"KILN_{field.upper()}"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kiln serve", description="Serve the production model over KServe V2 REST.")
-    parser.add_argument(
-        "--store",
-        default=os.environ.get("KILN_MODEL_STORE", "model_store"),
-        help="model store root (default: $KILN_MODEL_STORE or model_store)",
+    """``kiln serve`` flags; every flag left out falls back to its ``KILN_*`` variable."""
+    parser = argparse.ArgumentParser(
+        prog="kiln serve",
+        description="Serve the production model over KServe V2 REST.",
+        argument_default=argparse.SUPPRESS,  # absent flags: the environment (pydantic-settings) decides
     )
-    parser.add_argument(
-        "--model",
-        default=os.environ.get("KILN_MODEL_NAME", "mnist"),
-        help="model name (default: $KILN_MODEL_NAME or mnist)",
-    )
+    fields = ServerSettings.model_fields
+
+    def add(*flags: str, field: str, **kwargs: Any) -> None:
+        info = fields[field]
+        kwargs.setdefault("type", info.annotation if info.annotation in (int, float, str) else None)
+        if kwargs["type"] is None:
+            del kwargs["type"]
+        help_text = f"{info.description} (env {_env_name(field)}, default: {info.default})"
+        parser.add_argument(*flags, dest=field, help=help_text, **kwargs)
+
+    add("--store", "--model-store", field="model_store")
+    add("--model", "--model-name", field="model_name")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
-    parser.add_argument(
-        "--max-body-bytes",
-        type=int,
-        default=DEFAULT_MAX_BODY_BYTES,
-        help=f"largest accepted request body, after decompression (default: {DEFAULT_MAX_BODY_BYTES})",
-    )
+    add("--max-body-bytes", field="max_body_bytes")
+    add("--batching", field="batching", action=argparse.BooleanOptionalAction)
+    add("--max-batch-size", field="max_batch_size")
+    add("--max-queue-delay-us", field="max_queue_delay_us")
+    add("--poll-interval-s", field="poll_interval_s")
+    add("--keep-versions", field="keep_versions")
+    add("--drain-delay-s", field="drain_delay_s")
+    add("--graceful-timeout-s", field="graceful_timeout_s")
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, str, int]:
+    """(settings from ``KILN_*`` variables overridden by the flags in ``argv``, host, port)."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    host, port = args.pop("host"), args.pop("port")
+    if not 0 <= port <= 65535:
+        parser.error(f"--port {port} is not a port number")
+    try:
+        return ServerSettings(**args), host, port
+    except ValidationError as e:
+        parser.error(_describe(e))
+        raise  # unreachable: error() exits
+
+
+def load_settings(argv: list[str] | None = None) -> ServerSettings:
+    """Settings from ``KILN_*`` variables, overridden by the flags in ``argv``."""
+    return parse_args(argv)[0]
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``kiln serve``: run the server until interrupted. Returns 0, or 1 if startup failed."""
-    args = build_parser().parse_args(argv)
-    if args.max_body_bytes <= 0:
-        build_parser().error("--max-body-bytes must be positive")
+    """``kiln serve``: run the server until signalled. Returns 0, or 1 if startup failed."""
+    settings, host, port = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(Path(args.store), args.model, max_body_bytes=args.max_body_bytes)
-    # lifespan="on": a model that fails to load must stop the server, not be skipped.
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, lifespan="on", log_level="info"))
+    app = create_app_from_settings(settings)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        # lifespan="on": a model that fails to load must stop the server, not be skipped.
+        lifespan="on",
+        log_level="info",
+        timeout_graceful_shutdown=int(math.ceil(settings.graceful_timeout_s)),
+    )
+    server = DrainingServer(config, app, settings.drain_delay_s)
     try:
         server.run()
     except SystemExit:

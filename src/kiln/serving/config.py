@@ -1,0 +1,38 @@
+"""Server configuration: ``KILN_*`` environment variables, overridden by ``kiln serve`` flags.
+
+Every field of ``ServerSettings`` is read from the environment variable ``KILN_<FIELD>``
+(``model_store`` from ``KILN_MODEL_STORE``, ``batching`` from ``KILN_BATCHING``...); the
+command line flag of the same name (``--model-store``, or the historical ``--store``)
+wins over the environment.
+
+``--host`` and ``--port`` are flags only: Kubernetes injects ``<SERVICE>_PORT=tcp://...``
+into every pod for each Service, so a Service named ``kiln`` would otherwise set ``KILN_PORT``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+class ServerSettings(BaseSettings):
+    """Everything ``kiln serve`` can be told; see the module docstring for the sources."""
+
+    model_config = SettingsConfigDict(env_prefix="KILN_", extra="ignore", protected_namespaces=())
+
+    model_store: Path = Field(Path("model_store"), description="model store root")
+    model_name: str = Field("mnist", min_length=1, description="model name")
+    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, gt=0, description="largest request body, after decompression")
+    batching: bool = Field(True, description="merge concurrent requests to one version into one inference")
+    max_batch_size: int = Field(64, ge=1, description="most rows (first-dimension elements) in a merged batch")
+    max_queue_delay_us: int = Field(500, ge=0, description="longest a request waits for others to join its batch")
+    poll_interval_s: float = Field(2.0, ge=0, description="how often the production alias is checked (0: never)")
+    keep_versions: int = Field(3, ge=1, description="loaded versions kept in memory (production included)")
+    drain_delay_s: float = Field(
+        5.0, ge=0, description="after SIGTERM: seconds of not-ready but still serving before connections close"
+    )
+    graceful_timeout_s: float = Field(20.0, gt=0, description="after the drain: longest wait for in-flight requests")
