@@ -93,7 +93,10 @@ def summarize(run_root: Path) -> dict:
         "validation_report": path("validate", "report"),
         "drift_report": path("drift", "report"),
         "quarantine": path("clean", "quarantine"),
+        "training_curves": path("train", "curves_plot"),
         "onnx_model": path("export", "onnx_model"),
+        "variants": path("export", "variants"),
+        "evaluation_report": path("evaluate", "report"),
         "verdict": path("evaluate", "verdict"),
         "test_metrics": metrics,
         "blessed": evaluate.get("parameterValues", {}).get("Output"),
@@ -110,7 +113,10 @@ def main(argv: list[str], repo_root: Path) -> int:
     print(f"validation report:   {summary['validation_report']}")
     print(f"drift report:        {summary['drift_report']}")
     print(f"quarantine list:     {summary['quarantine']}")
+    print(f"training curves:     {summary['training_curves']}")
     print(f"ONNX model:          {summary['onnx_model']}")
+    print(f"int8/fp16 variants:  {summary['variants']}")
+    print(f"evaluation report:   {summary['evaluation_report']}")
     print(f"verdict:             {summary['verdict']}")
     for name in ("accuracy", "precision_macro", "recall_macro", "f1_macro"):
         if name in summary["test_metrics"]:

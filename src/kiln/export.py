@@ -397,8 +397,8 @@ def _quantize_int8_static(src: Path, dst: Path, calibration: np.ndarray) -> str:
         str(a), str(b), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
     ))
-    return f"onnxruntime.quantization.quantize_static(QDQ, per-channel QInt8 weights, QUInt8 activations, " \
-           f"MinMax calibration on {len(calibration)} images)" "onnxruntime.quantization.quantize_dynamic(weight_type=QInt8)"
+    return ("onnxruntime.quantization.quantize_static(QDQ, per-channel QInt8 weights, QUInt8 activations, "
+            f"MinMax calibration on {len(calibration)} images)")
 
 
 def _convert_fp16(src: Path, dst: Path, calibration: np.ndarray) -> str:

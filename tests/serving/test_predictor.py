@@ -167,7 +167,16 @@ def test_cpu_quota_without_cgroup_file_is_the_cpu_count(tmp_path: Path) -> None:
     assert cpu_quota(tmp_path / "absent") == os.cpu_count()
 
 
-def test_cuda_is_only_requested_when_the_deployment_says_so() -> None:
-    assert providers_from_env({}) == ["CPUExecutionProvider"]
+def test_cuda_is_requested_when_a_gpu_is_present_or_the_deployment_says_so(tmp_path: Path) -> None:
+    no_gpu = tmp_path / "no-driver"
+    assert providers_from_env({}, gpu_dir=no_gpu) == ["CPUExecutionProvider"]
+    gpus = tmp_path / "gpus"
+    gpus.mkdir()
+    assert providers_from_env({"KILN_DEVICE": "auto"}, gpu_dir=gpus) == ["CPUExecutionProvider"]  # driver, no GPU
+    (gpus / "0000:00:1e.0").mkdir()
+    assert providers_from_env({}, gpu_dir=gpus) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert providers_from_env({"KILN_DEVICE": "cpu"}, gpu_dir=gpus) == ["CPUExecutionProvider"]
+    with pytest.raises(ValueError, match="KILN_DEVICE must be auto, cuda or cpu, got 'tpu'"):
+        providers_from_env({"KILN_DEVICE": "tpu"})
     assert providers_from_env({"KILN_DEVICE": "cpu"}) == ["CPUExecutionProvider"]
     assert providers_from_env({"KILN_DEVICE": "cuda"}) == ["CUDAExecutionProvider", "CPUExecutionProvider"]

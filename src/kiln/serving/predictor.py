@@ -112,14 +112,28 @@ def cpu_quota(cpu_max: Path = CPU_MAX) -> int:
         return cores
 
 
-def providers_from_env(env: Mapping[str, str] | None = None) -> list[str]:
-    """Execution providers to ask for: CUDA first only when ``KILN_DEVICE=cuda``, else CPU.
+NVIDIA_GPU_DIR = Path("/proc/driver/nvidia/gpus")
+"""One entry per GPU the NVIDIA driver sees; present in a container that was given a GPU."""
+
+
+def providers_from_env(env: Mapping[str, str] | None = None, gpu_dir: Path = NVIDIA_GPU_DIR) -> list[str]:
+    """Execution providers to ask for, from ``KILN_DEVICE``: ``cuda``, ``cpu``, or ``auto``
+    (the default: CUDA first when the NVIDIA driver sees a GPU, else CPU only).
 
     ONNX Runtime lists CUDAExecutionProvider as available whenever the GPU wheel is
-    installed, GPU or not, so availability says nothing; the deployment says.
+    installed, GPU or not (asking for it then logs an error and falls back), so its
+    list says nothing; the driver's GPU list does.
     """
     env = os.environ if env is None else env
-    if env.get("KILN_DEVICE", "").strip().lower() == "cuda":
+    device = env.get("KILN_DEVICE", "auto").strip().lower() or "auto"
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"KILN_DEVICE must be auto, cuda or cpu, got {device!r}")
+    if device == "auto":
+        try:
+            device = "cuda" if any(gpu_dir.iterdir()) else "cpu"
+        except OSError:  # no NVIDIA driver
+            device = "cpu"
+    if device == "cuda":
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
