@@ -76,7 +76,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE, model_store_pvc: str | None = Non
         if train_gpus:
             train.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(train_gpus)
         export = c.export(checkpoint=train.outputs["checkpoint"], val_set=split.outputs["val_set"],
-                          data_version=ingest.outputs["data_version"])
+                          test_set=split.outputs["test_set"], data_version=ingest.outputs["data_version"])
         evaluate = c.evaluate(onnx_model=export.outputs["onnx_model"], test_set=split.outputs["test_set"],
                               min_accuracy=min_accuracy, min_macro_recall=min_macro_recall,
                               min_class_recall=min_class_recall, model_store=model_store, model_name=model_name,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +40,28 @@ def onnx_lineage(onnx_path: str | Path) -> dict[str, Any]:
     return out
 
 
+def stamp_metrics(onnx_path: str | Path, out_path: str | Path, metrics: dict[str, Any]) -> Path:
+    """Write ``onnx_path`` to ``out_path`` with ``metrics`` (JSON) added to its
+    ``metadata_props`` under ``metrics``, so the served file carries the test metrics it
+    was blessed on. Only metadata changes; the graph and weights are the evaluated ones."""
+    import onnx
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    kept = [p for p in proto.metadata_props if p.key != "metrics"]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    proto.metadata_props.add(key="metrics", value=json.dumps(metrics, sort_keys=True))
+    onnx.save_model(proto, str(out_path), save_as_external_data=False)
+    return Path(out_path)
+
+
 def deploy(onnx_path: str | Path, store_root: str | Path, model_name: str, lineage: dict[str, Any],
            reference_clean_path: str | Path | None = None) -> ModelVersion:
     """Store ``onnx_path`` as the next version of ``model_name`` and make it production.
 
     ``lineage`` (data version, parameters, metrics...) is written into ``model.json``
-    together with the kiln version and the git commit. With ``reference_clean_path``, the
+    together with the kiln version and the git commit; ``lineage["metrics"]``, when
+    given, is also stamped into the stored ONNX file's metadata (:func:`stamp_metrics`). With ``reference_clean_path``, the
     statistics of that clean table are stored beside the model (``stats.parquet``), so
     the next run can measure drift against the data this model learned from. The
     version is complete on disk before the alias moves, and the alias moves atomically.
@@ -53,7 +70,11 @@ def deploy(onnx_path: str | Path, store_root: str | Path, model_name: str, linea
         raise FileNotFoundError(f"no ONNX model at {onnx_path}")
     store = ModelStore(store_root)
     meta = {"kiln_version": __version__, "git_commit": git_commit(), **onnx_lineage(onnx_path), **lineage}
-    version = store.add_version(model_name, onnx_path, meta)
+    with tempfile.TemporaryDirectory(prefix="kiln-deploy-") as tmp:
+        source = Path(onnx_path)
+        if lineage.get("metrics"):
+            source = stamp_metrics(onnx_path, Path(tmp) / "model.onnx", lineage["metrics"])
+        version = store.add_version(model_name, source, meta)
     if reference_clean_path is not None:
         from kiln.drift import save_reference_statistics
 

@@ -43,7 +43,7 @@ from kiln.dataset import CLEAN_COLUMNS, read_table, to_arrays
 CHECK_BATCH_SIZES: tuple[int, ...] = (1, 7, 1024)
 """Batch sizes every export is run at, to prove the batch dimension really is dynamic."""
 
-RESERVED_METADATA = ("kiln_version", "train_config", "class_labels", "onnx_opset", "contract")
+RESERVED_METADATA = ("kiln_version", "train_config", "train_metrics", "class_labels", "onnx_opset", "contract")
 """``metadata_props`` keys written by :func:`export_onnx`; callers may not override them."""
 
 
@@ -245,10 +245,13 @@ def export_onnx(
 ) -> ExportReport:
     """Export the checkpoint's :class:`~kiln.train.ServingModel` to ``onnx_path``.
 
-    ``metadata`` (e.g. ``data_version``, ``git_commit``) is written to the model's
-    ``metadata_props`` beside ``kiln_version``, ``train_config`` (JSON),
-    ``class_labels`` (JSON list), ``onnx_opset`` and ``contract``; its keys must be
-    strings that are not in :data:`RESERVED_METADATA` and its values strings.
+    ``metadata`` (e.g. ``data_version``) is written to the model's ``metadata_props``
+    beside ``kiln_version``, ``git_commit`` (:func:`kiln.deploy.git_commit` unless
+    ``metadata`` names one), ``train_config`` (JSON), ``train_metrics`` (JSON: the best
+    epoch's validation loss and accuracy), ``class_labels`` (JSON list), ``onnx_opset``
+    and ``contract``; its keys must be strings that are not in :data:`RESERVED_METADATA`
+    and its values strings. ``val_df`` is the table the parity gate runs over (the
+    export step passes the test split).
 
     The file is written under a temporary name and renamed to ``onnx_path`` only after
     ``onnx.checker`` (full), the contract check and :func:`check_parity` pass; on any
@@ -265,13 +268,22 @@ def export_onnx(
     if bad:
         raise ValueError(f"metadata must map str to str; offending entries (value types): {bad}")
 
+    from kiln.deploy import git_commit
+    from kiln.train import read_checkpoint
+
     config, net = load_checkpoint(checkpoint_path)
     proto = _export_proto(ServingModel(net).eval())
+    ckpt = read_checkpoint(checkpoint_path)
+    best = next((row for row in ckpt.get("history", []) if row.get("epoch") == ckpt.get("best_epoch")), {})
+    train_metrics = {"best_epoch": ckpt.get("best_epoch"),
+                     **{k: best[k] for k in ("val_loss", "val_accuracy") if k in best}}
 
     # Metadata travels inside the file, so a model found on disk explains itself.
     props = {
         "kiln_version": kiln.__version__,
+        "git_commit": git_commit(),
         "train_config": json.dumps(config.to_dict(), sort_keys=True),
+        "train_metrics": json.dumps(train_metrics, sort_keys=True),
         "class_labels": json.dumps(list(CLASS_LABELS)),
         "onnx_opset": str(ONNX_OPSET),
         "contract": f"{INPUT_NAME}: uint8[N,{IMAGE_SIZE},{IMAGE_SIZE}] -> "
@@ -329,10 +341,11 @@ __all__ = [
 ]
 
 
-def run_export(checkpoint_path: str | Path, onnx_path: str | Path, val_path: str | Path,
+def run_export(checkpoint_path: str | Path, onnx_path: str | Path, parity_path: str | Path,
                metadata: Mapping[str, str]) -> ExportReport:
-    """File-level entry point of the export step: checkpoint + validation table -> checked ONNX file."""
-    return export_onnx(checkpoint_path, onnx_path, read_table(val_path, CLEAN_COLUMNS), metadata)
+    """File-level entry point of the export step: checkpoint + the table of the parity
+    gate (the test split in the pipeline) -> checked ONNX file."""
+    return export_onnx(checkpoint_path, onnx_path, read_table(parity_path, CLEAN_COLUMNS), metadata)
 
 
 # --------------------------------------------------------------------------- variants
@@ -491,6 +504,9 @@ def export_variants(
     return report
 
 
-def run_export_variants(onnx_path: str | Path, out_dir: str | Path, eval_path: str | Path) -> dict[str, Any]:
-    """File-level entry point: exported model + clean table -> ``out_dir`` of variants."""
-    return export_variants(onnx_path, out_dir, read_table(eval_path, CLEAN_COLUMNS))
+def run_export_variants(onnx_path: str | Path, out_dir: str | Path, eval_path: str | Path,
+                        calibration_path: str | Path | None = None) -> dict[str, Any]:
+    """File-level entry point: exported model + clean table(s) -> ``out_dir`` of variants,
+    scored on ``eval_path``, int8 calibrated on ``calibration_path`` (default: the same)."""
+    calibration = None if calibration_path is None else read_table(calibration_path, CLEAN_COLUMNS)
+    return export_variants(onnx_path, out_dir, read_table(eval_path, CLEAN_COLUMNS), calibration_df=calibration)

@@ -22,14 +22,27 @@ def test_deploy_adds_versions_and_moves_production(tmp_path: Path, onnx_file: Pa
     store = ModelStore(tmp_path / "store")
     assert store.production("mnist") is None
     v1 = deploy(onnx_file, store.root, "mnist", {"data_version": "abc", "metrics": {"accuracy": 0.97}})
-    v2 = deploy(onnx_file, store.root, "mnist", {"data_version": "def"})
+    v2 = deploy(onnx_file, store.root, "mnist", {"data_version": "def"})  # no metrics: the file is copied as is
     assert (v1.version, v2.version) == ("1", "2")
     assert store.versions("mnist") == ["1", "2"]
     assert store.production("mnist").version == "2"
     meta = json.loads((v1.path / "model.json").read_text())
     assert meta["data_version"] == "abc" and meta["metrics"]["accuracy"] == 0.97
-    assert meta["sha256"] == sha256_file(onnx_file) and meta["git_commit"] and meta["kiln_version"]
+    assert meta["sha256"] == sha256_file(v1.onnx_path) and meta["git_commit"] and meta["kiln_version"]
+    assert json.loads((v2.path / "model.json").read_text())["sha256"] == sha256_file(onnx_file)
     assert meta["parameters"] == {"model": "cnn"} and meta["class_labels"] == ["0"]  # from the ONNX metadata
+
+
+def test_deployed_file_carries_the_test_metrics_and_checksum(tmp_path: Path, onnx_file: Path) -> None:
+    import onnx
+
+    version = deploy(onnx_file, tmp_path / "store", "mnist", {"metrics": {"accuracy": 0.97, "f1_macro": 0.96}})
+    stored = onnx.load(str(version.onnx_path))
+    props = {p.key: p.value for p in stored.metadata_props}
+    assert json.loads(props["metrics"]) == {"accuracy": 0.97, "f1_macro": 0.96}
+    assert props["train_config"] == '{"model": "cnn"}'  # what export wrote is kept
+    assert stored.graph == onnx.load(str(onnx_file)).graph  # only the metadata differs
+    assert json.loads((version.path / "model.json").read_text())["sha256"] == sha256_file(version.onnx_path)
 
 
 def test_alias_cannot_point_at_a_missing_version(tmp_path: Path, onnx_file: Path) -> None:

@@ -74,8 +74,17 @@ def test_metadata_props_describe_the_model(exported, trained) -> None:
     assert json.loads(meta["class_labels"]) == list(CLASS_LABELS)
     assert meta["kiln_version"] == kiln.__version__
     assert meta["onnx_opset"] == str(ONNX_OPSET)
-    for key, value in exported.metadata.items():
+    best = next(row for row in trained.result.history if row["epoch"] == trained.result.best_epoch)
+    assert json.loads(meta["train_metrics"]) == {"best_epoch": trained.result.best_epoch, "val_loss": best["val_loss"],
+                                                 "val_accuracy": best["val_accuracy"]}
+    for key, value in exported.metadata.items():  # data_version, and git_commit given by the caller
         assert meta[key] == value
+
+
+def test_git_commit_defaults_to_the_code_version(trained, tables, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("KILN_GIT_COMMIT", "cafef00d")
+    export_onnx(trained.checkpoint, tmp_path / "m.onnx", tables.val.head(16), {"data_version": "v"})
+    assert read_metadata(tmp_path / "m.onnx")["git_commit"] == "cafef00d"
 
 
 def test_parity_report(exported, tables) -> None:
