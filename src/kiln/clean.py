@@ -40,6 +40,8 @@ class Reason(StrEnum):
 
 
 QUARANTINE_COLUMNS = ("id", "path", "reason", "detail")
+REPAIR_COLUMNS = ("id", "path", "fix", "detail")
+"""One row per change cleaning made to an image it kept: ``fix`` is ``grayscale`` or ``resized``."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,8 @@ class CleanConfig:
 
 @dataclass
 class CleanReport:
-    """Counts of what cleaning did; ``converted`` counts colour/alpha images made grayscale."""
+    """Counts of what cleaning did; ``converted`` counts kept colour/alpha images made
+    grayscale, ``resized`` kept images resized to 28x28 (each listed in the repairs table)."""
 
     n_input: int
     n_clean: int
@@ -65,6 +68,7 @@ class CleanReport:
     by_reason: dict[str, int] = field(default_factory=dict)
     converted: int = 0
     resized: int = 0
+    repairs: list[dict[str, str]] = field(default_factory=list)
 
     def markdown(self) -> str:
         """A Markdown summary: totals, then one row per quarantine reason."""
@@ -91,8 +95,9 @@ class _Rejected(Exception):
         self.detail = detail
 
 
-def decode_image(png: bytes, config: CleanConfig) -> tuple[np.ndarray, bool, bool]:
-    """Decode image bytes to uint8 [28, 28]; returns (pixels, converted, resized).
+def decode_image(png: bytes, config: CleanConfig) -> tuple[np.ndarray, dict[str, str]]:
+    """Decode image bytes to uint8 [28, 28]; returns (pixels, fixes), where ``fixes``
+    maps ``grayscale`` / ``resized`` to what was changed (e.g. ``RGBA -> L``).
 
     Raises ``_Rejected`` with the reason when the bytes cannot become a valid image.
     """
@@ -111,24 +116,27 @@ def decode_image(png: bytes, config: CleanConfig) -> tuple[np.ndarray, bool, boo
     except Exception as e:  # truncated data, bad CRC, broken zlib stream...
         raise _Rejected(Reason.CORRUPT_IMAGE, f"{image.format} fails to decode: {type(e).__name__}: {e}") from e
 
-    converted = image.mode != "L"
-    if converted:
+    fixes: dict[str, str] = {}
+    if image.mode != "L":
+        fixes["grayscale"] = f"{image.mode} -> L" + (" (alpha composited on black)" if "A" in image.getbands()
+                                                       or "transparency" in image.info else "")
         if "A" in image.getbands() or "transparency" in image.info:
             # Composite on black: MNIST is light ink on a black background.
             rgba = image.convert("RGBA")
             background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
             image = Image.alpha_composite(background, rgba)
         image = image.convert("L")
-    resized = image.size != (IMAGE_SIZE, IMAGE_SIZE)
-    if resized:
+    if image.size != (IMAGE_SIZE, IMAGE_SIZE):
         if not config.resize_wrong_size:
             raise _Rejected(Reason.WRONG_SIZE, f"{image.size[0]}x{image.size[1]}, expected {IMAGE_SIZE}x{IMAGE_SIZE}")
+        fixes["resized"] = f"{image.size[0]}x{image.size[1]} -> {IMAGE_SIZE}x{IMAGE_SIZE} (Lanczos)"
         image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
-    return np.asarray(image, dtype=np.uint8), converted, resized
+    return np.asarray(image, dtype=np.uint8), fixes
 
 
 def clean_table(raw: pd.DataFrame, config: CleanConfig = CleanConfig()) -> tuple[pd.DataFrame, pd.DataFrame, CleanReport]:
-    """Split a raw table into (clean table, quarantine table, report).
+    """Split a raw table into (clean table, quarantine table, report); ``report.repairs``
+    lists (as :data:`REPAIR_COLUMNS` rows) every change made to a kept image.
 
     Order of checks per row: manifest membership, file presence, decodability, size,
     label; then, across rows, exact duplicates by pixel content.
@@ -136,7 +144,6 @@ def clean_table(raw: pd.DataFrame, config: CleanConfig = CleanConfig()) -> tuple
     label_index = {label: i for i, label in enumerate(config.labels)}
     quarantine: list[dict[str, str]] = []
     kept: list[dict[str, object]] = []
-    converted = resized = 0
     id_counts = Counter(raw.loc[raw["in_manifest"], "id"])
 
     def reject(row, reason: Reason, detail: str) -> None:
@@ -153,7 +160,7 @@ def clean_table(raw: pd.DataFrame, config: CleanConfig = CleanConfig()) -> tuple
             reject(row, Reason.MISSING_FILE, "listed in the manifest but the file does not exist")
             continue
         try:
-            pixels, was_converted, was_resized = decode_image(bytes(row.png), config)
+            pixels, fixes = decode_image(bytes(row.png), config)
         except _Rejected as r:
             reject(row, r.reason, r.detail)
             continue
@@ -164,10 +171,9 @@ def clean_table(raw: pd.DataFrame, config: CleanConfig = CleanConfig()) -> tuple
         if label not in label_index:
             reject(row, Reason.UNKNOWN_LABEL, f"label {label!r} is not one of {list(config.labels)}")
             continue
-        converted += was_converted
-        resized += was_resized
         data = pixels.tobytes()
-        kept.append({"id": str(row.id), "label": label_index[label], "pixels": data, "sha256": hashlib.sha256(data).hexdigest(), "path": str(row.path)})
+        kept.append({"id": str(row.id), "label": label_index[label], "pixels": data,
+                     "sha256": hashlib.sha256(data).hexdigest(), "path": str(row.path), "fixes": fixes})
 
     # --- duplicates by content: keep one of a same-label group, drop conflicting groups ---
     by_hash: dict[str, list[dict[str, object]]] = {}
@@ -189,6 +195,8 @@ def clean_table(raw: pd.DataFrame, config: CleanConfig = CleanConfig()) -> tuple
                                "detail": f"same pixels and label as {first['id']}"})
 
     clean_records.sort(key=lambda r: str(r["id"]))
+    repairs = [{"id": str(r["id"]), "path": str(r["path"]), "fix": fix, "detail": detail}
+               for r in clean_records for fix, detail in r["fixes"].items()]
     clean = pd.DataFrame.from_records(clean_records, columns=[*CLEAN_COLUMNS, "path"])[list(CLEAN_COLUMNS)]
     clean = clean.astype({"id": "string", "label": "int64", "sha256": "string"})
     quarantined = pd.DataFrame.from_records(quarantine, columns=list(QUARANTINE_COLUMNS))
@@ -197,8 +205,9 @@ def clean_table(raw: pd.DataFrame, config: CleanConfig = CleanConfig()) -> tuple
         n_clean=len(clean),
         n_quarantined=len(quarantined),
         by_reason=dict(Counter(quarantined["reason"])),
-        converted=converted,
-        resized=resized,
+        converted=sum("grayscale" in r["fixes"] for r in clean_records),
+        resized=sum("resized" in r["fixes"] for r in clean_records),
+        repairs=repairs,
     )
     if report.n_clean + report.n_quarantined != report.n_input:  # the invariant the stage exists for
         raise AssertionError(f"cleaning lost rows: {report}")
@@ -206,8 +215,10 @@ def clean_table(raw: pd.DataFrame, config: CleanConfig = CleanConfig()) -> tuple
 
 
 def run_clean(raw_path: str | Path, clean_path: str | Path, quarantine_path: str | Path,
-              config: CleanConfig = CleanConfig(), summary_path: str | Path | None = None) -> CleanReport:
-    """File-level wrapper: raw Parquet in; clean Parquet, quarantine CSV and Markdown summary out."""
+              config: CleanConfig = CleanConfig(), summary_path: str | Path | None = None,
+              repairs_path: str | Path | None = None) -> CleanReport:
+    """File-level wrapper: raw Parquet in; clean Parquet, quarantine CSV, Markdown summary
+    and repairs CSV (:data:`REPAIR_COLUMNS`) out."""
     raw = read_table(raw_path, RAW_COLUMNS)
     clean, quarantined, report = clean_table(raw, config)
     write_table(clean, clean_path)
@@ -215,4 +226,7 @@ def run_clean(raw_path: str | Path, clean_path: str | Path, quarantine_path: str
     quarantined.to_csv(quarantine_path, index=False)
     if summary_path is not None:
         Path(summary_path).write_text(report.markdown())
+    if repairs_path is not None:
+        Path(repairs_path).parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame.from_records(report.repairs, columns=list(REPAIR_COLUMNS)).to_csv(repairs_path, index=False)
     return report

@@ -82,11 +82,18 @@ def test_wrong_size_is_resized_when_configured(corrupted: Path) -> None:
     clean, quarantine, report = clean_table(raw, CleanConfig(resize_wrong_size=True))
     assert "00004" in set(clean["id"]) and "00004" not in set(quarantine["id"])
     assert report.resized == 1
+    assert {"id": "00004", "path": "images/00004.png", "fix": "resized",
+            "detail": "32x32 -> 28x28 (Lanczos)"} in report.repairs
 
 
 def test_run_clean_writes_tables_and_markdown(corrupted: Path, tmp_path: Path) -> None:
     raw_path = write_table(raw_table_from_dir(corrupted), tmp_path / "raw.parquet")
-    report = run_clean(raw_path, tmp_path / "clean.parquet", tmp_path / "q.csv", summary_path=tmp_path / "s.md")
+    report = run_clean(raw_path, tmp_path / "clean.parquet", tmp_path / "q.csv", summary_path=tmp_path / "s.md",
+                       repairs_path=tmp_path / "r.csv")
+    repairs = pd.read_csv(tmp_path / "r.csv", dtype=str)
+    assert list(repairs.columns) == ["id", "path", "fix", "detail"]
+    assert sorted(repairs["id"]) == ["00005", "00006"] and set(repairs["fix"]) == {"grayscale"}
+    assert repairs.set_index("id").loc["00006", "detail"] == "RGBA -> L (alpha composited on black)"
     quarantine = pd.read_csv(tmp_path / "q.csv")
     assert list(quarantine.columns) == ["id", "path", "reason", "detail"]
     assert len(quarantine) == report.n_quarantined == 13
