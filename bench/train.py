@@ -2,7 +2,7 @@
 
 Both train the same architecture (``--model``, default cnn) for the same number of
 epochs on the same clean table built from the real MNIST digits (``kiln.data.mnist_5k``),
-same batch size, AdamW + one-cycle, random-shift augmentation. The plain loop is what
+same batch size, AdamW + one-cycle, random shift + rotation augmentation. The plain loop is what
 one would write by hand: no validation pass, no checkpointing, no early stopping, no
 determinism switch. kiln's time is ``TrainResult.seconds`` (the whole ``train()`` call:
 tensor conversion, validation every epoch, checkpoint write included), so the ratio is
@@ -47,7 +47,7 @@ def _tables(n_train: int, n_val: int):
 def plain_loop(config, train_df) -> float:
     """A minimal hand-written loop; returns seconds for the training epochs."""
     from kiln.dataset import to_arrays
-    from kiln.train import Preprocess, build_model, random_shift
+    from kiln.train import Preprocess, build_model, random_rotate, random_shift
 
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
@@ -63,7 +63,7 @@ def plain_loop(config, train_df) -> float:
         order = torch.randperm(len(y_all), generator=generator)
         for start in range(0, len(order), config.batch_size):
             idx = order[start : start + config.batch_size]
-            x = preprocess(random_shift(x_all[idx], config.max_shift, generator))
+            x = preprocess(random_rotate(random_shift(x_all[idx], config.max_shift, generator), config.max_rotation, generator))
             loss = F.cross_entropy(model(x), y_all[idx])
             optimiser.zero_grad(set_to_none=True)
             loss.backward()

@@ -20,6 +20,7 @@ from kiln.train import (
     build_model,
     load_checkpoint,
     predict_proba,
+    random_rotate,
     random_shift,
     read_checkpoint,
     train,
@@ -49,7 +50,8 @@ def test_from_dict_rejects_unknown_keys_by_name() -> None:
 @pytest.mark.parametrize(
     "bad",
     [{"model": "resnet"}, {"device": "tpu"}, {"epochs": 0}, {"batch_size": 2.5}, {"lr": 0}, {"dropout": 1.0},
-     {"max_shift": 28}, {"lr": float("nan")}, {"epochs": True}],
+     {"max_shift": 28}, {"lr": float("nan")}, {"epochs": True}, {"max_rotation": 90}, {"max_rotation": -1},
+     {"amp": "yes"}],
 )
 def test_config_rejects_invalid_values(bad: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
@@ -93,6 +95,27 @@ def test_random_shift_moves_digits_without_losing_ink(tables) -> None:
     # MNIST digits sit inside a 4-pixel empty border, so a 2-pixel shift keeps all ink
     assert torch.equal(shifted.sum(dim=(1, 2), dtype=torch.int64), images.sum(dim=(1, 2), dtype=torch.int64))
     assert random_shift(images, 0, torch.Generator()) is images
+
+
+def test_random_rotate_turns_digits_about_their_centre(tables) -> None:
+    pixels, _ = to_arrays(tables.train.head(64))
+    images = torch.tensor(pixels)
+    rotated = random_rotate(images, 15.0, torch.Generator().manual_seed(0))
+    assert rotated.shape == images.shape and rotated.dtype == torch.uint8
+    assert not torch.equal(rotated, images)
+    # a rotation keeps the digit: ink is roughly conserved and its centroid stays put
+    ink_before = images.sum(dim=(1, 2), dtype=torch.float64)
+    ink_after = rotated.sum(dim=(1, 2), dtype=torch.float64)
+    assert torch.allclose(ink_after, ink_before, rtol=0.1)
+    assert float(torch.nn.functional.cosine_similarity(rotated.flatten(1).double(), images.flatten(1).double()).min()) > 0.5
+    # the same generator seed gives the same angles; 0 degrees is the identity
+    assert torch.equal(rotated, random_rotate(images, 15.0, torch.Generator().manual_seed(0)))
+    assert random_rotate(images, 0.0, torch.Generator()) is images
+    # a quarter turn of a single bright pixel lands where rotation says it must
+    dot = torch.zeros(1, 28, 28, dtype=torch.uint8)
+    dot[0, 14, 20] = 255  # right of the centre
+    turned = random_rotate(dot, 45.0, torch.Generator().manual_seed(1))
+    assert int(turned.sum()) > 0 and int(turned[0, 14, 20]) < 255
 
 
 # --- training ---
@@ -149,6 +172,39 @@ def test_train_rejects_empty_or_out_of_range_tables(tables, tmp_path) -> None:
 
 
 # --- checkpoints ---
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_an_interrupted_run_resumes_to_the_same_result(tables, tmp_path) -> None:
+    config = TrainConfig(model="cnn", epochs=3, batch_size=32, device="cpu", seed=5, patience=0)
+    train_df, val_df = tables.train.head(256), tables.val.head(100)
+    straight = train(config, train_df, val_df, tmp_path / "straight.pt", **QUIET)
+
+    def crash_after_epoch_2(message: str) -> None:
+        if message.startswith("epoch 2:"):
+            raise _Crash  # as if the pod were preempted once epoch 2 was checkpointed
+
+    with pytest.raises(_Crash):
+        train(config, train_df, val_df, tmp_path / "run.pt", log=crash_after_epoch_2)
+    assert read_checkpoint(tmp_path / "run.pt")["resume"]["epoch"] == 2
+    resumed = train(config, train_df, val_df, tmp_path / "run.pt", resume_from=tmp_path / "run.pt", **QUIET)
+
+    assert resumed.resumed_from_epoch == 2 and [row["epoch"] for row in resumed.history] == [1, 2, 3]
+    assert resumed.history == straight.history
+    assert resumed.weights_sha256 == straight.weights_sha256
+    # a finished run resumes to itself, into another file
+    again = train(config, train_df, val_df, tmp_path / "copy.pt", resume_from=tmp_path / "run.pt", **QUIET)
+    assert again.weights_sha256 == straight.weights_sha256 and (tmp_path / "copy.pt").is_file()
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(trained, tables, tmp_path) -> None:
+    other = TrainConfig.from_dict({**trained.config.to_dict(), "lr": 0.01})
+    with pytest.raises(CheckpointError, match=r"different config \(fields \['lr'\]\)"):
+        train(other, tables.train.head(64), tables.val.head(16), tmp_path / "m.pt", resume_from=trained.checkpoint,
+              **QUIET)
 
 
 def test_checkpoint_holds_config_history_and_best_weights(trained, tables) -> None:
