@@ -82,7 +82,8 @@ def build_pipeline(image: str = DEFAULT_IMAGE, model_store_pvc: str | None = Non
                               min_class_recall=min_class_recall, model_store=model_store, model_name=model_name,
                               champion_tolerance=champion_tolerance)
         with dsl.If(evaluate.outputs["Output"] == True, name="blessed"):  # noqa: E712 (a KFP condition, not Python)
-            deploy = c.deploy(onnx_model=export.outputs["onnx_model"], metrics=evaluate.outputs["metrics"],
+            deploy = c.deploy(onnx_model=export.outputs["onnx_model"], variants=export.outputs["variants"],
+                              metrics=evaluate.outputs["metrics"],
                               cleaned=clean.outputs["cleaned"], model_store=model_store, model_name=model_name,
                               data_version=ingest.outputs["data_version"])
         if model_store_pvc:  # every step that reads or writes the model store

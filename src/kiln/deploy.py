@@ -55,15 +55,38 @@ def stamp_metrics(onnx_path: str | Path, out_path: str | Path, metrics: dict[str
     return Path(out_path)
 
 
+def shipped_variants(variants_dir: str | Path) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """The variants the export step shipped: ``{name: (file, record)}`` from
+    ``variants_dir/variants.json`` (see :func:`kiln.export.export_variants`). Files are
+    looked up by name inside ``variants_dir``, since the folder moves between steps."""
+    variants_dir = Path(variants_dir)
+    report_path = variants_dir / "variants.json"
+    if not report_path.is_file():
+        raise FileNotFoundError(f"no variants.json in {variants_dir}")
+    report = json.loads(report_path.read_text())
+    out: dict[str, tuple[Path, dict[str, Any]]] = {}
+    for name, entry in report.get("variants", {}).items():
+        if not entry.get("ships"):
+            continue
+        path = variants_dir / Path(entry["path"]).name
+        if not path.is_file():
+            raise FileNotFoundError(f"variant {name} shipped but {path} is missing")
+        record = {k: entry[k] for k in ("method", "accuracy", "accuracy_drop", "label_agreement") if k in entry}
+        out[name] = (path, record)
+    return out
+
+
 def deploy(onnx_path: str | Path, store_root: str | Path, model_name: str, lineage: dict[str, Any],
-           reference_clean_path: str | Path | None = None) -> ModelVersion:
+           reference_clean_path: str | Path | None = None, variants_dir: str | Path | None = None) -> ModelVersion:
     """Store ``onnx_path`` as the next version of ``model_name`` and make it production.
 
     ``lineage`` (data version, parameters, metrics...) is written into ``model.json``
     together with the kiln version and the git commit; ``lineage["metrics"]``, when
     given, is also stamped into the stored ONNX file's metadata (:func:`stamp_metrics`). With ``reference_clean_path``, the
     statistics of that clean table are stored beside the model (``stats.parquet``), so
-    the next run can measure drift against the data this model learned from. The
+    the next run can measure drift against the data this model learned from. With
+    ``variants_dir`` (the export step's variants), the shipped variants are stored with
+    the version (:meth:`ModelStore.add_version`). The
     version is complete on disk before the alias moves, and the alias moves atomically.
     """
     if not Path(onnx_path).is_file():
@@ -74,7 +97,8 @@ def deploy(onnx_path: str | Path, store_root: str | Path, model_name: str, linea
         source = Path(onnx_path)
         if lineage.get("metrics"):
             source = stamp_metrics(onnx_path, Path(tmp) / "model.onnx", lineage["metrics"])
-        version = store.add_version(model_name, source, meta)
+        variants = shipped_variants(variants_dir) if variants_dir is not None else None
+        version = store.add_version(model_name, source, meta, variants=variants)
     if reference_clean_path is not None:
         from kiln.drift import save_reference_statistics
 

@@ -4,6 +4,7 @@ Layout::
 
     <root>/<model>/<version>/model.onnx
     <root>/<model>/<version>/model.json     # lineage: sha256, data version, git commit, params, metrics
+    <root>/<model>/<version>/model.int8.onnx  # shipped variants, each listed (file, sha256) under "variants"
     <root>/<model>/production               # text file holding the production version
 
 Versions are positive integers assigned in order (as KServe/Triton expect). Aliases are
@@ -19,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,22 @@ class ModelVersion:
     @property
     def onnx_path(self) -> Path:
         return self.path / MODEL_FILE
+
+    @property
+    def variants(self) -> list[str]:
+        """Names of the reduced-precision variants stored with this version."""
+        return sorted(self.meta.get("variants") or {})
+
+    def model_file(self, variant: str = "") -> tuple[Path, str | None]:
+        """(file, its sha256 from model.json) of the fp32 model (``variant`` "") or of a
+        stored variant; StoreError when this version has no such variant."""
+        if not variant:
+            return self.onnx_path, self.meta.get("sha256")
+        entry = (self.meta.get("variants") or {}).get(variant)
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or "/" in entry["file"]:
+            raise StoreError(f"version {self.version} of {self.model!r} has no {variant!r} variant "
+                             f"(it has {self.variants or 'none'})")
+        return self.path / entry["file"], entry.get("sha256")
 
 
 class ModelStore:
@@ -106,14 +124,28 @@ class ModelStore:
         version = self.alias(model, PRODUCTION)
         return None if version is None else self.get(model, version)
 
-    def add_version(self, model: str, onnx_file: str | Path, meta: dict[str, Any]) -> ModelVersion:
-        """Copy ``onnx_file`` in as the next version with ``meta`` (+ its sha256) as model.json."""
+    def add_version(self, model: str, onnx_file: str | Path, meta: dict[str, Any],
+                    variants: Mapping[str, tuple[str | Path, Mapping[str, Any]]] | None = None) -> ModelVersion:
+        """Copy ``onnx_file`` in as the next version with ``meta`` (+ its sha256) as model.json.
+
+        ``variants`` maps a variant name (``int8``...) to (its ONNX file, what to record
+        about it); each is copied in as ``model.<name>.onnx`` and listed in model.json
+        under ``variants`` with its file name and sha256.
+        """
         model_dir = self._model_dir(model)
         model_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
         try:
             shutil.copyfile(onnx_file, staging / MODEL_FILE)
             full_meta = {**meta, "model": model, "sha256": sha256_file(staging / MODEL_FILE)}
+            if variants:
+                full_meta["variants"] = {}
+                for name, (path, info) in sorted(variants.items()):
+                    if not name.replace("_", "").isalnum():
+                        raise StoreError(f"invalid variant name: {name!r}")
+                    file = f"model.{name}.onnx"
+                    shutil.copyfile(path, staging / file)
+                    full_meta["variants"][name] = {**info, "file": file, "sha256": sha256_file(staging / file)}
             while True:
                 existing = self.versions(model)
                 version = str(int(existing[-1]) + 1 if existing else 1)

@@ -79,3 +79,29 @@ def test_git_commit_prefers_the_image_env(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert git_commit() == "deadbeef"
     monkeypatch.delenv("KILN_GIT_COMMIT")
     assert git_commit(tmp_path) == "unknown"  # not a git checkout
+
+
+def test_deploy_stores_the_shipped_variants_only(tmp_path: Path, onnx_file: Path) -> None:
+    variants_dir = tmp_path / "variants"
+    variants_dir.mkdir()
+    int8 = variants_dir / "m.int8.onnx"
+    int8.write_bytes(onnx_file.read_bytes())
+    report = {"variants": {
+        "int8": {"path": "/elsewhere/when/exported/m.int8.onnx", "ships": True, "accuracy": 0.98,
+                 "accuracy_drop": 0.001, "method": "static QDQ", "bytes": 10},
+        "fp16": {"path": None, "ships": False, "accuracy_drop": 0.02, "reason": "accuracy drop 2.00 points > 0.30"},
+    }}
+    (variants_dir / "variants.json").write_text(json.dumps(report))
+    version = deploy(onnx_file, tmp_path / "store", "mnist", {}, variants_dir=variants_dir)
+    assert version.variants == ["int8"]
+    path, sha = version.model_file("int8")
+    assert path == version.path / "model.int8.onnx" and sha == sha256_file(int8)
+    assert version.meta["variants"]["int8"] == {"accuracy": 0.98, "accuracy_drop": 0.001, "method": "static QDQ",
+                                                "file": "model.int8.onnx", "sha256": sha}
+    with pytest.raises(StoreError, match="has no 'fp16' variant \\(it has \\['int8'\\]\\)"):
+        version.model_file("fp16")
+
+    int8.unlink()  # shipped but lost on the way: refuse rather than deploy without it
+    with pytest.raises(FileNotFoundError, match="variant int8 shipped but .*m.int8.onnx is missing"):
+        deploy(onnx_file, tmp_path / "store", "mnist", {}, variants_dir=variants_dir)
+    assert ModelStore(tmp_path / "store").versions("mnist") == ["1"]

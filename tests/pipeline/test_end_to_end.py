@@ -8,6 +8,7 @@ model is then served on loopback and queried with tritonclient.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from helpers import commit_data, init_dvc_repo, mnist_subset, serve
 from kiln.data import bootstrap, write_dataset
 from kiln.dataset import CLEAN_COLUMNS, read_table, to_arrays
 from kiln.serving.server import create_app
-from kiln.store import ModelStore
+from kiln.store import ModelStore, sha256_file
 from pipelines.run_local import executor_output, parse_args, run, summarize, task_dir
 
 pytestmark = pytest.mark.slow
@@ -59,6 +60,13 @@ def test_pipeline_trains_evaluates_and_deploys(deployed: dict) -> None:
     assert production.meta["metrics"]["accuracy"] == summary["test_metrics"]["accuracy"]
     assert production.meta["parameters"]["epochs"] == int(EPOCHS)
     assert (production.path / "stats.parquet").is_file()  # the reference for the next run's drift check
+    # the variants export shipped are stored with the version, checksummed
+    report = json.loads((task_dir(deployed["run_root"], "export") / "variants" / "variants.json").read_text())
+    shipped = sorted(name for name, v in report["variants"].items() if v["ships"])
+    assert production.variants == shipped
+    for name in shipped:
+        path, sha = production.model_file(name)
+        assert sha256_file(path) == sha
     assert "expect_table_row_count_to_be_between" in Path(summary["validation_report"]).read_text()
 
 

@@ -12,6 +12,7 @@ into every pod for each Service, so a Service named ``kiln`` would otherwise set
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -36,3 +37,10 @@ class ServerSettings(BaseSettings):
         5.0, ge=0, description="after SIGTERM: seconds of not-ready but still serving before connections close"
     )
     graceful_timeout_s: float = Field(20.0, gt=0, description="after the drain: longest wait for in-flight requests")
+    variant: Literal["", "int8", "fp16", "int8_dynamic"] = Field(
+        "", description="serve each version's stored variant of this name ('' = fp32 model.onnx; "
+        "versions without it serve fp32)"
+    )
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="ONNX Runtime device (auto: CUDA when the NVIDIA driver sees a GPU)"
+    )

@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
-from kiln.store import ModelVersion, sha256_file
+from kiln.store import ModelVersion, StoreError, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -117,15 +117,20 @@ NVIDIA_GPU_DIR = Path("/proc/driver/nvidia/gpus")
 
 
 def providers_from_env(env: Mapping[str, str] | None = None, gpu_dir: Path = NVIDIA_GPU_DIR) -> list[str]:
-    """Execution providers to ask for, from ``KILN_DEVICE``: ``cuda``, ``cpu``, or ``auto``
-    (the default: CUDA first when the NVIDIA driver sees a GPU, else CPU only).
+    """Execution providers for the device ``KILN_DEVICE`` names (see :func:`providers_for`)."""
+    env = os.environ if env is None else env
+    return providers_for(env.get("KILN_DEVICE", "auto"), gpu_dir)
+
+
+def providers_for(device: str, gpu_dir: Path = NVIDIA_GPU_DIR) -> list[str]:
+    """Execution providers to ask for on ``device``: ``cuda``, ``cpu``, or ``auto`` (CUDA
+    first when the NVIDIA driver sees a GPU, else CPU only).
 
     ONNX Runtime lists CUDAExecutionProvider as available whenever the GPU wheel is
     installed, GPU or not (asking for it then logs an error and falls back), so its
     list says nothing; the driver's GPU list does.
     """
-    env = os.environ if env is None else env
-    device = env.get("KILN_DEVICE", "auto").strip().lower() or "auto"
+    device = device.strip().lower() or "auto"
     if device not in ("auto", "cuda", "cpu"):
         raise ValueError(f"KILN_DEVICE must be auto, cuda or cpu, got {device!r}")
     if device == "auto":
@@ -161,8 +166,13 @@ class OnnxPredictor:
         *,
         providers: Sequence[str] | None = None,
         intra_op_threads: int | None = None,
+        variant: str = "",
     ) -> None:
         self.model_version = model_version
+        self.variant = variant
+        """The stored variant asked for ("" = the fp32 model.onnx)."""
+        self.served_file: Path | None = None
+        """The ONNX file actually served, once loaded."""
         self.providers = list(providers) if providers is not None else ["CPUExecutionProvider"]
         self.intra_op_threads = intra_op_threads if intra_op_threads is not None else cpu_quota()
         self._session: ort.InferenceSession | None = None
@@ -196,13 +206,19 @@ class OnnxPredictor:
     def load(self) -> None:
         """Verify the ONNX file against ``model.json``'s sha256, open a session, warm it up.
 
+        With ``variant`` set, the version's stored variant of that name is served; a
+        version that shipped no such variant (its accuracy drop was too large, or it was
+        deployed before variants existed) serves its fp32 model instead, with a warning.
         Raises ModelLoadError on any failure; the predictor then stays not ready.
         """
         with self._lock:
             if self._session is not None:
                 return
-            path = self.model_version.onnx_path
-            expected = self.model_version.meta.get("sha256")
+            try:
+                path, expected = self.model_version.model_file(self.variant)
+            except StoreError as e:
+                log.warning("%s; serving its fp32 model", e)
+                path, expected = self.model_version.model_file("")
             if not isinstance(expected, str) or not expected:
                 raise ModelLoadError(f"{self.model_version.path}/model.json has no sha256")
             try:
@@ -233,15 +249,17 @@ class OnnxPredictor:
             except Exception as e:  # ONNX Runtime has many error types (InvalidGraph, NoSuchFile, Fail...)
                 raise ModelLoadError(f"cannot load {path}: {e}") from e
             self._inputs, self._outputs = inputs, outputs
+            self.served_file = path
             self._session = session
             if self.providers[0] not in session.get_providers():
                 # ONNX Runtime falls back to the next provider on its own; say so, since a
                 # GPU deployment quietly running on CPU shows up only as latency.
                 log.warning("%s was requested but is unusable here; running on %s", self.providers[0], session.get_providers())
             log.info(
-                "loaded %s version %s with %s, %d intra-op threads",
+                "loaded %s version %s (%s) with %s, %d intra-op threads",
                 self.name,
                 self.version,
+                path.name,
                 session.get_providers(),
                 self.intra_op_threads,
             )

@@ -83,6 +83,7 @@ from kiln.serving.predictor import (
     InferenceInputError,
     ModelLoadError,
     OnnxPredictor,
+    providers_for,
     providers_from_env,
 )
 from kiln.store import ModelStore, StoreError
@@ -164,6 +165,7 @@ class ModelRepository:
         intra_op_threads: int | None = None,
         keep_versions: int = 3,
         on_load: Callable[[str, bool], None] | None = None,
+        variant: str = "",
     ) -> None:
         if keep_versions < 1:
             raise ValueError("keep_versions must be at least 1")
@@ -171,6 +173,7 @@ class ModelRepository:
         self.model_name = model_name
         self.providers = list(providers)
         self.intra_op_threads = intra_op_threads
+        self.variant = variant
         self.keep_versions = keep_versions
         self.on_load = on_load
         self.production: OnnxPredictor | None = None
@@ -216,7 +219,8 @@ class ModelRepository:
                     self._report(version, False)
                     raise ModelLoadError(str(e)) from e
                 predictor = OnnxPredictor(
-                    model_version, providers=self.providers, intra_op_threads=self.intra_op_threads
+                    model_version, providers=self.providers, intra_op_threads=self.intra_op_threads,
+                    variant=self.variant,
                 )
                 self._pending[version] = predictor
         try:
@@ -684,13 +688,15 @@ def create_app(
     max_queue_delay_us: int = 500,
     poll_interval_s: float = 2.0,
     keep_versions: int = 3,
+    variant: str = "",
 ) -> FastAPI:
     """The V2 application serving ``model_name`` from the model store at ``store_root``.
 
     Nothing is loaded until the application's lifespan starts (the production version
     then, other versions on first use). ``providers`` defaults to ``providers_from_env()``;
     ``intra_op_threads`` to the container's CPU quota. ``poll_interval_s`` 0 turns hot
-    reload off. Each application has its own Prometheus registry, exposed at ``/metrics``.
+    reload off. ``variant`` (e.g. ``int8``) serves each version's stored variant of that
+    name where it has one. Each application has its own Prometheus registry, exposed at ``/metrics``.
     ``app.state.draining = True`` turns readiness false (``main`` does so on SIGTERM).
     """
     if max_body_bytes <= 0 or max_batch_size < 1 or max_queue_delay_us < 0 or poll_interval_s < 0:
@@ -707,6 +713,7 @@ def create_app(
         intra_op_threads=intra_op_threads,
         keep_versions=keep_versions,
         on_load=on_load,
+        variant=variant,
     )
     metrics.production_version.labels(model_name).set(0)
     # Inference runs here, off the event loop and apart from the request thread pool.
@@ -917,8 +924,9 @@ def create_app_from_settings(
         settings.model_store,
         settings.model_name,
         max_body_bytes=settings.max_body_bytes,
-        providers=providers,
+        providers=providers_for(settings.device) if providers is None else providers,
         intra_op_threads=intra_op_threads,
+        variant=settings.variant,
         batching=settings.batching,
         max_batch_size=settings.max_batch_size,
         max_queue_delay_us=settings.max_queue_delay_us,
@@ -998,6 +1006,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--keep-versions", field="keep_versions")
     add("--drain-delay-s", field="drain_delay_s")
     add("--graceful-timeout-s", field="graceful_timeout_s")
+    add("--variant", field="variant", choices=["", "int8", "fp16", "int8_dynamic"])
+    add("--device", field="device", choices=["auto", "cuda", "cpu"])
     return parser
 
 
