@@ -101,8 +101,9 @@ class TrainConfig:
     device: str = "auto"
     """``"auto"`` (CUDA when available, else CPU), ``"cpu"`` or ``"cuda"``."""
 
-    eval_batch_size: int = 1024
-    """Batch size for validation passes; only affects speed and memory."""
+    eval_batch_size: int = 256
+    """Batch size for validation passes; only affects speed and memory (on CPU, 256
+    runs about twice as fast as 1024: the activations stay in cache)."""
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
