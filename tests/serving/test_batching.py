@@ -215,3 +215,44 @@ def test_batcher_keeps_incompatible_shapes_apart_and_respects_the_row_limit() ->
     results = asyncio.run(run())
     assert [r.outputs["y"].shape for r in results] == [(1, 2)] * 6 + [(1, 3)] * 2
     assert sorted(predictor.runs) == [2, 2, 4]
+
+
+def test_a_lone_request_does_not_wait_for_the_queue_delay() -> None:
+    # A one-second delay would show in queue_s if an idle batcher held the batch open.
+    predictor = FakePredictor()
+
+    async def run():
+        with ThreadPoolExecutor(1) as executor:
+            batcher = Batcher(predictor, executor, max_batch_size=64, max_queue_delay_s=1.0)
+            return [await batcher.infer({"x": np.ones((1, 2), np.int64)}) for _ in range(3)]
+
+    results = asyncio.run(run())
+    assert predictor.runs == [1, 1, 1]
+    assert all(r.queue_s < 0.5 for r in results), [r.queue_s for r in results]
+
+
+def test_the_batch_waits_for_an_announced_request_and_no_longer_than_the_delay() -> None:
+    predictor = FakePredictor()
+
+    async def run():
+        with ThreadPoolExecutor(1) as executor:
+            batcher = Batcher(predictor, executor, max_batch_size=64, max_queue_delay_s=2.0)
+
+            async def late() -> object:
+                with batcher.arriving():  # e.g. its body is still being read
+                    await asyncio.sleep(0.05)
+                return await batcher.infer({"x": np.full((2, 2), 2, np.int64)})
+
+            both = await asyncio.gather(batcher.infer({"x": np.full((1, 2), 1, np.int64)}), late())
+
+            # announced but never coming: the batch leaves once the delay is over
+            batcher.max_queue_delay_s = 0.2
+            with batcher.arriving():
+                alone = await batcher.infer({"x": np.full((1, 2), 3, np.int64)})
+            return both, alone
+
+    (first, second), alone = asyncio.run(run())
+    assert predictor.runs == [3, 1]  # the first request waited for the announced one: one run
+    np.testing.assert_array_equal(second.outputs["y"], np.full((2, 2), 4))
+    assert first.queue_s < 1.0  # it waited for the arrival, not for the whole delay
+    assert 0.15 < alone.queue_s < 1.5

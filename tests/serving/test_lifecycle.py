@@ -46,6 +46,9 @@ def test_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None
     s = load_settings(["--max-batch-size", "16", "--batching", "--store", "/from/flag", "--model", "m"])
     assert (s.max_batch_size, s.batching, s.model_store, s.model_name) == (16, True, Path("/from/flag"), "m")
     assert load_settings(["--no-batching"]).batching is False
+    monkeypatch.setenv("KILN_ACCESS_LOG", "true")
+    assert load_settings([]).access_log is True
+    assert load_settings(["--no-access-log"]).access_log is False
 
 
 def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -60,6 +63,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert parse_args(["--port", "9000"])[1:] == ("127.0.0.1", 9000)
     assert (s.batching, s.max_batch_size, s.max_queue_delay_us) == (True, 64, 500)
     assert (s.poll_interval_s, s.keep_versions, s.max_body_bytes) == (2.0, 3, 16 * 1024 * 1024)
+    assert s.access_log is False
 
 
 @pytest.mark.parametrize(

@@ -1,21 +1,25 @@
 """Dynamic batching: concurrent requests to one model version merged into one inference.
 
-A request's validated feed goes into the version's asyncio queue. A worker takes the first
-waiting request, then keeps taking requests until the batch holds ``max_batch_size`` rows
-or ``max_queue_delay_s`` has passed since it took the first; the inputs are concatenated
-along axis 0, run once in the executor (never on the event loop), and the outputs split
-back by each request's row count. Requests whose inputs disagree on the non-batch
-dimensions never share a batch. When a merged batch fails, its requests are run one by
-one, so each gets its own answer or its own error.
+A request's validated feed goes into the version's asyncio queue. A worker forms a batch
+as soon as an inference slot is free: it takes every request already queued, and holds
+the batch open (at most ``max_queue_delay_s`` after it took the first request) only while
+other requests have been announced (``arriving``: their bodies are being read or decoded)
+and the batch is below ``max_batch_size`` rows. So a lone request is never delayed, and
+under load requests gather by themselves while the slots are busy. The inputs are
+concatenated along axis 0, run once in the executor (never on the event loop), and the
+outputs split back by each request's row count. Requests whose inputs disagree on the
+non-batch dimensions never share a batch. When a merged batch fails, its requests are run
+one by one, so each gets its own answer or its own error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,6 +92,21 @@ class Batcher:
         self._slots = asyncio.Semaphore(max_concurrent_batches)
         self._worker: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
+        self._arriving = 0
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Announce a request whose feed is being prepared (body read, decode) for this batcher.
+
+        While any request is announced, a batch that is not full waits (up to the queue
+        delay) for it; with none announced a batch is dispatched at once. Leave the block
+        right before calling ``infer`` (no ``await`` in between), or on error.
+        """
+        self._arriving += 1
+        try:
+            yield
+        finally:
+            self._arriving -= 1
 
     @property
     def predictor(self) -> OnnxPredictor:
@@ -127,37 +146,46 @@ class Batcher:
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         carry: _Item | None = None
+        batch: list[_Item] = []  # taken from the queue, not yet handed to a _run task
         try:
             while carry is not None or not self._queue.empty():
-                first = carry if carry is not None else self._queue.get_nowait()
-                carry = None
-                batch, rows = [first], first.rows
-                deadline = loop.time() + self.max_queue_delay_s
-                while rows < self.max_batch_size:
-                    if self._queue.empty():
-                        timeout = deadline - loop.time()
-                        if timeout <= 0:
-                            break
-                        try:
-                            nxt = await asyncio.wait_for(self._queue.get(), timeout)
-                        except TimeoutError:
-                            break
-                    else:
-                        nxt = self._queue.get_nowait()
-                    if nxt.key != first.key or rows + nxt.rows > self.max_batch_size:
-                        carry = nxt  # starts the next batch
-                        break
-                    batch.append(nxt)
-                    rows += nxt.rows
+                # A free slot first: while every slot is busy requests keep queueing, and
+                # the batch formed when one frees takes them all.
                 await self._slots.acquire()
-                task = loop.create_task(self._run(batch))
+                try:
+                    first = carry if carry is not None else self._queue.get_nowait()
+                    carry = None
+                    batch, rows = [first], first.rows
+                    deadline = loop.time() + self.max_queue_delay_s
+                    while rows < self.max_batch_size:
+                        if self._queue.empty():
+                            timeout = deadline - loop.time()
+                            if self._arriving == 0 or timeout <= 0:
+                                break  # nobody else is on the way: waiting only adds latency
+                            try:
+                                nxt = await asyncio.wait_for(self._queue.get(), timeout)
+                            except TimeoutError:
+                                break
+                        else:
+                            nxt = self._queue.get_nowait()
+                        if nxt.key != first.key or rows + nxt.rows > self.max_batch_size:
+                            carry = nxt  # starts the next batch
+                            break
+                        batch.append(nxt)
+                        rows += nxt.rows
+                except BaseException:
+                    self._slots.release()
+                    raise
+                task = loop.create_task(self._run(batch))  # releases the slot when done
+                batch = []
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
         finally:
             self._worker = None
-            if carry is not None:  # only when cancelled: fail it rather than leave it hanging
-                if not carry.future.done():
-                    carry.future.set_exception(InferenceError("the batcher stopped"))
+            # Only when cancelled: fail what was taken rather than leave it hanging.
+            for item in [*batch, *([carry] if carry is not None else [])]:
+                if not item.future.done():
+                    item.future.set_exception(InferenceError("the batcher stopped"))
 
     async def _run(self, batch: list[_Item]) -> None:
         loop = asyncio.get_running_loop()

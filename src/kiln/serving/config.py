@@ -30,7 +30,10 @@ class ServerSettings(BaseSettings):
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, gt=0, description="largest request body, after decompression")
     batching: bool = Field(True, description="merge concurrent requests to one version into one inference")
     max_batch_size: int = Field(64, ge=1, description="most rows (first-dimension elements) in a merged batch")
-    max_queue_delay_us: int = Field(500, ge=0, description="longest a request waits for others to join its batch")
+    max_queue_delay_us: int = Field(
+        500, ge=0, description="longest a batch is held open for requests already being received "
+        "(a lone request never waits)"
+    )
     poll_interval_s: float = Field(2.0, ge=0, description="how often the production alias is checked (0: never)")
     keep_versions: int = Field(3, ge=1, description="loaded versions kept in memory (production included)")
     drain_delay_s: float = Field(
@@ -41,6 +44,7 @@ class ServerSettings(BaseSettings):
         "", description="serve each version's stored variant of this name ('' = fp32 model.onnx; "
         "versions without it serve fp32)"
     )
+    access_log: bool = Field(False, description="log one line per request (uvicorn's access log)")
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="ONNX Runtime device (auto: CUDA when the NVIDIA driver sees a GPU)"
     )

@@ -236,6 +236,9 @@ class OnnxPredictor:
             options.inter_op_num_threads = 1
             options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
             options.log_severity_level = 3
+            # Idle intra-op threads spin by default, burning the CPU that the HTTP side of
+            # the server needs between inferences; blocking instead costs a wake-up.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             try:
                 session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
                 inputs = tuple(_spec(a) for a in session.get_inputs())

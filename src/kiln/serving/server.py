@@ -32,6 +32,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import gc
 import io
 import json
 import logging
@@ -72,6 +73,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Route
 
 from kiln import __version__
 from kiln.contract import IMAGE_SIZE, INPUT_NAME
@@ -95,6 +97,11 @@ EXTENSIONS = ["binary_tensor_data"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
 IMAGE_INPUT = "image"
 """The extra BYTES input holding PNGs, decoded into the contract's ``pixels``."""
+
+INLINE_BODY_BYTES = 64 * 1024
+"""Identity-encoded request bodies up to this size are decoded on the event loop."""
+INLINE_OUTPUT_ELEMENTS = 4096
+"""Responses of up to this many output elements are encoded on the event loop."""
 
 _UNKNOWN = "_unknown"  # metric label for names the client made up: keeps label sets bounded
 _BYTES_PREFIX = struct.Struct("<I")  # BYTES elements in binary data: 4-byte LE length + bytes
@@ -689,6 +696,7 @@ def create_app(
     poll_interval_s: float = 2.0,
     keep_versions: int = 3,
     variant: str = "",
+    freeze_gc: bool = False,
 ) -> FastAPI:
     """The V2 application serving ``model_name`` from the model store at ``store_root``.
 
@@ -697,6 +705,9 @@ def create_app(
     ``intra_op_threads`` to the container's CPU quota. ``poll_interval_s`` 0 turns hot
     reload off. ``variant`` (e.g. ``int8``) serves each version's stored variant of that
     name where it has one. Each application has its own Prometheus registry, exposed at ``/metrics``.
+    ``freeze_gc`` moves every object alive once the production version is loaded out of the
+    garbage collector's reach (``gc.freeze``): for a server process of its own, not for an
+    application embedded in a longer-lived process.
     ``app.state.draining = True`` turns readiness false (``main`` does so on SIGTERM).
     """
     if max_body_bytes <= 0 or max_batch_size < 1 or max_queue_delay_us < 0 or poll_interval_s < 0:
@@ -784,6 +795,12 @@ def create_app(
         await run_in_threadpool(repo.load_production)
         if repo.production is not None:
             metrics.production_version.labels(model_name).set(int(repo.production.version))
+        if freeze_gc:
+            # Everything allocated so far (modules, the session, ~60k objects) lives as long
+            # as the process: out of the collector's sight, a full collection takes well
+            # under a millisecond instead of ~17 ms, which showed up as the p99 latency.
+            gc.collect()
+            gc.freeze()
         poller = asyncio.create_task(poll()) if poll_interval_s > 0 else None
         try:
             yield
@@ -859,16 +876,27 @@ def create_app(
             else:
                 predictor = await run_in_threadpool(repo.get, model, version)
             labels = (predictor.name, predictor.version)
-            body = await _read_body(request, max_body_bytes)
-            # Parsing a large JSON body is as CPU-bound as the model itself: keep both
-            # off the event loop so health checks and other requests stay responsive.
-            parsed, feed, wanted = await run_in_threadpool(_decode, predictor, body, request.headers, max_body_bytes)
+            batcher = batcher_for(predictor)
+            with batcher.arriving():
+                body = await _read_body(request, max_body_bytes)
+                # Parsing a large JSON body is as CPU-bound as the model itself: off the
+                # event loop, so health checks and other requests stay responsive. A small
+                # one costs less than the hop to a thread and back (tens of microseconds).
+                if len(body) <= INLINE_BODY_BYTES and "content-encoding" not in request.headers:
+                    parsed, feed, wanted = _decode(predictor, body, request.headers, max_body_bytes)
+                else:
+                    parsed, feed, wanted = await run_in_threadpool(
+                        _decode, predictor, body, request.headers, max_body_bytes
+                    )
             try:
-                result = await batcher_for(predictor).infer(feed)
+                result = await batcher.infer(feed)
             except InferenceInputError as e:
                 raise ApiError(400, str(e)) from e
             metrics.queue.labels(*labels).observe(result.queue_s)
-            response = await run_in_threadpool(_encode, predictor, parsed, wanted, result.outputs)
+            if sum(a.size for a in result.outputs.values()) <= INLINE_OUTPUT_ELEMENTS:
+                response = _encode(predictor, parsed, wanted, result.outputs)
+            else:
+                response = await run_in_threadpool(_encode, predictor, parsed, wanted, result.outputs)
         except ClientDisconnect:
             log.info("client went away while sending a request to %s version %s", *labels)
             response = _error(400, "client disconnected")
@@ -901,13 +929,15 @@ def create_app(
     async def version_ready(model: str, version: str) -> dict[str, Any]:
         return await _ready(model, version)
 
-    @app.post("/v2/models/{model}/infer")
-    async def infer(request: Request, model: str) -> Response:
-        return await _infer_endpoint(request, model, None)
+    async def infer(request: Request) -> Response:
+        params = request.path_params
+        return await _infer_endpoint(request, params["model"], params.get("version"))
 
-    @app.post("/v2/models/{model}/versions/{version}/infer")
-    async def version_infer(request: Request, model: str, version: str) -> Response:
-        return await _infer_endpoint(request, model, version)
+    # Plain Starlette routes, matched first: the hot path skips FastAPI's dependency
+    # solving and the scan past the other routes (about a third of a small request's CPU).
+    # They take no typed parameters, so nothing is lost; the body is parsed by hand anyway.
+    for path in ("/v2/models/{model}/infer", "/v2/models/{model}/versions/{version}/infer"):
+        app.router.routes.insert(0, Route(path, infer, methods=["POST"], include_in_schema=False))
 
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:
@@ -917,7 +947,11 @@ def create_app(
 
 
 def create_app_from_settings(
-    settings: ServerSettings, *, providers: Sequence[str] | None = None, intra_op_threads: int | None = None
+    settings: ServerSettings,
+    *,
+    providers: Sequence[str] | None = None,
+    intra_op_threads: int | None = None,
+    freeze_gc: bool = False,
 ) -> FastAPI:
     """``create_app`` configured by ``settings``."""
     return create_app(
@@ -932,6 +966,7 @@ def create_app_from_settings(
         max_queue_delay_us=settings.max_queue_delay_us,
         poll_interval_s=settings.poll_interval_s,
         keep_versions=settings.keep_versions,
+        freeze_gc=freeze_gc,
     )
 
 
@@ -1008,6 +1043,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--graceful-timeout-s", field="graceful_timeout_s")
     add("--variant", field="variant", choices=["", "int8", "fp16", "int8_dynamic"])
     add("--device", field="device", choices=["auto", "cuda", "cpu"])
+    add("--access-log", field="access_log", action=argparse.BooleanOptionalAction)
     return parser
 
 
@@ -1034,7 +1070,7 @@ def main(argv: list[str] | None = None) -> int:
     """``kiln serve``: run the server until signalled. Returns 0, or 1 if startup failed."""
     settings, host, port = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app_from_settings(settings)
+    app = create_app_from_settings(settings, freeze_gc=True)
     config = uvicorn.Config(
         app,
         host=host,
@@ -1042,6 +1078,9 @@ def main(argv: list[str] | None = None) -> int:
         # lifespan="on": a model that fails to load must stop the server, not be skipped.
         lifespan="on",
         log_level="info",
+        # One log line per request costs more than a small model's inference; the
+        # Prometheus counters already count requests by status. --access-log turns it on.
+        access_log=settings.access_log,
         timeout_graceful_shutdown=int(math.ceil(settings.graceful_timeout_s)),
     )
     server = DrainingServer(config, app, settings.drain_delay_s)
