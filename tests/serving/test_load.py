@@ -1,4 +1,4 @@
-"""Bounded load tests: concurrency 64 for a few seconds, zero errors, also across hot reloads."""
+"""Bounded load tests: concurrency 64 for 30 s with zero errors, and a few seconds across hot reloads."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from kiln.store import ModelStore
 MODEL = "mnist"
 CONCURRENCY = 64
 DURATION_S = 4.0
+LOAD_S = 30.0  # the plain load test: issue 5 asks for 30 s at concurrency 64
 
 
 async def load(url: str, requests: list[tuple[bytes, dict[str, list[int]]]], duration_s: float, during=None) -> dict:
@@ -77,15 +78,15 @@ def test_load_at_concurrency_64_has_zero_errors(make_store, serve_app, models, m
     async def probe() -> None:
         # Health probes on their own connection keep answering, and quickly, under load.
         async with httpx.AsyncClient(base_url=running.url, timeout=5) as client:
-            for _ in range(int(DURATION_S / 0.25) - 1):
+            for _ in range(int(LOAD_S / 0.25) - 1):
                 await asyncio.sleep(0.25)
                 start = time.monotonic()
                 response = await client.get("/v2/health/ready")
                 probes.append((response.status_code, time.monotonic() - start))
 
     with serve_app(app) as running:
-        stats = asyncio.run(load(running.url, requests_for(models, make_digits), DURATION_S, during=probe))
-    assert len(probes) >= 10 and {code for code, _ in probes} == {200}
+        stats = asyncio.run(load(running.url, requests_for(models, make_digits), LOAD_S, during=probe))
+    assert len(probes) >= 100 and {code for code, _ in probes} == {200}
     assert max(t for _, t in probes) < 1.0, probes
     assert stats["exceptions"] == []
     assert set(stats["status"]) == {200}, stats["status"]
