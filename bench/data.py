@@ -65,7 +65,6 @@ def _vm_hwm_mib() -> float:
 
 def build_raw(n: int):
     """An ingest-shaped raw table of ``n`` PNG images (see module docstring)."""
-    import numpy as np
     import pandas as pd
 
     from kiln.data import encode_png, mnist_5k
