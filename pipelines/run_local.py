@@ -120,7 +120,7 @@ def main(argv: list[str], repo_root: Path) -> int:
     print(f"verdict:             {summary['verdict']}")
     for name in ("accuracy", "precision_macro", "recall_macro", "f1_macro"):
         if name in summary["test_metrics"]:
-            print(f"{'test ' + name + ':':<21}{summary['test_metrics'][name]:.4f}")
+            print(f"{'test ' + name + ':':<20} {summary['test_metrics'][name]:.4f}")
     if summary["deployed_version"]:
         store = Path(args.model_store) / args.model_name / summary["deployed_version"]
         print(f"deployed:            version {summary['deployed_version']} is production ({store})")
