@@ -138,8 +138,13 @@ def test_training_is_deterministic_on_cpu_and_leaves_caller_rng_alone(tables, tm
     train_df, val_df = tables.train.head(256), tables.val.head(100)
     torch.manual_seed(1234)
     rng_before = torch.get_rng_state()
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    fill_before = torch.utils.deterministic.fill_uninitialized_memory
     first = train(config, train_df, val_df, tmp_path / "a.pt", **QUIET)
     assert torch.equal(torch.get_rng_state(), rng_before)
+    # the global switches train() flips for itself are the caller's again
+    assert torch.are_deterministic_algorithms_enabled() == deterministic_before
+    assert torch.utils.deterministic.fill_uninitialized_memory == fill_before
     second = train(config, train_df, val_df, tmp_path / "b.pt", **QUIET)
     other_seed = train(TrainConfig.from_dict({**config.to_dict(), "seed": 4}), train_df, val_df, tmp_path / "c.pt", **QUIET)
 
