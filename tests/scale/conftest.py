@@ -253,6 +253,12 @@ TINY_CONFIG = dict(model="mlp", epochs=1, batch_size=32, dropout=0.0, device="cp
 
 
 @pytest.fixture(scope="session")
+def tiny_overrides() -> dict:
+    """TrainConfig overrides for a seconds-long CPU run with nothing rank-dependent."""
+    return dict(TINY_CONFIG)
+
+
+@pytest.fixture(scope="session")
 def tiny_tables(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(train, val) clean Parquet tables of real digits: 200 and 100 images."""
     d = tmp_path_factory.mktemp("tables")
