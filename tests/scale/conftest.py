@@ -131,113 +131,121 @@ class FakeKube:
                     node.proc.wait()
 
 
-def _handler(kube: FakeKube) -> type[BaseHTTPRequestHandler]:
-    trainjob = re.compile(GROUP_PATH + r"/namespaces/([^/]+)/trainjobs(?:/([^/]+))?$")
-    runtime = re.compile(GROUP_PATH + r"/clustertrainingruntimes/([^/]+)$")
-    pods = re.compile(r"/api/v1/namespaces/([^/]+)/pods$")
-    pod_log = re.compile(r"/api/v1/namespaces/([^/]+)/pods/([^/]+)/log$")
+TRAINJOB = re.compile(GROUP_PATH + r"/namespaces/([^/]+)/trainjobs(?:/([^/]+))?$")
+RUNTIME = re.compile(GROUP_PATH + r"/clustertrainingruntimes/([^/]+)$")
+PODS = re.compile(r"/api/v1/namespaces/([^/]+)/pods$")
+POD_LOG = re.compile(r"/api/v1/namespaces/([^/]+)/pods/([^/]+)/log$")
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.0"  # one response per connection: a followed log ends at close
 
-        def log_message(self, *args) -> None:
-            pass
+class FakeKubeHandler(BaseHTTPRequestHandler):
+    kube: FakeKube  # set on a subclass per server
+    protocol_version = "HTTP/1.0"  # one response per connection: a followed log ends at close
 
-        def _send(self, code: int, obj: dict) -> None:
-            data = json.dumps(obj).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def log_message(self, *args) -> None:
+        pass
 
-        def _not_found(self, what: str) -> None:
-            self._send(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound",
-                             "message": f"{what} not found", "code": 404})
+    def _send(self, code: int, obj: dict) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
-        def _record(self) -> Request:
-            url = urlsplit(self.path)
-            length = int(self.headers.get("Content-Length") or 0)
-            body = json.loads(self.rfile.read(length)) if length else None
-            req = Request(self.command, url.path, {k: v[-1] for k, v in parse_qs(url.query).items()}, body)
-            with kube.lock:
-                kube.requests.append(req)
-            return req
+    def _not_found(self, what: str) -> None:
+        self._send(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound",
+                         "message": f"{what} not found", "code": 404})
 
-        def do_POST(self) -> None:
-            req = self._record()
-            m = trainjob.match(req.path)
-            if not m or m.group(2):
-                return self._not_found(req.path)
-            name = req.body["metadata"]["name"]
-            if name in kube.jobs:
-                return self._send(409, {"kind": "Status", "status": "Failure", "reason": "AlreadyExists", "code": 409})
-            stored = {**req.body, "metadata": {**req.body["metadata"], "namespace": m.group(1),
-                                               "creationTimestamp": "2026-01-01T00:00:00Z"}}
-            kube.start(m.group(1), stored)
-            self._send(201, stored)
+    def _record(self) -> Request:
+        url = urlsplit(self.path)
+        length = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(length)) if length else None
+        req = Request(self.command, url.path, {k: v[-1] for k, v in parse_qs(url.query).items()}, body)
+        with self.kube.lock:
+            self.kube.requests.append(req)
+        return req
 
-        def do_DELETE(self) -> None:
-            req = self._record()
-            m = trainjob.match(req.path)
-            if not m or not m.group(2) or m.group(2) not in kube.jobs:
-                return self._not_found(req.path)
-            kube.jobs[m.group(2)].deleted = True
-            self._send(200, {"kind": "Status", "status": "Success"})
+    def do_POST(self) -> None:
+        req = self._record()
+        m = TRAINJOB.match(req.path)
+        if not m or m.group(2):
+            return self._not_found(req.path)
+        name = req.body["metadata"]["name"]
+        if name in self.kube.jobs:
+            return self._send(409, {"kind": "Status", "status": "Failure", "reason": "AlreadyExists", "code": 409})
+        stored = {**req.body, "metadata": {**req.body["metadata"], "namespace": m.group(1),
+                                           "creationTimestamp": "2026-01-01T00:00:00Z"}}
+        self.kube.start(m.group(1), stored)
+        self._send(201, stored)
 
-        def do_GET(self) -> None:
-            req = self._record()
-            if m := runtime.match(req.path):
-                if m.group(1) not in kube.runtimes:
-                    return self._not_found(f"clustertrainingruntimes {m.group(1)}")
-                return self._send(200, {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "ClusterTrainingRuntime",
-                                        "metadata": {"name": m.group(1)}})
-            if (m := trainjob.match(req.path)) and m.group(2):
-                job = kube.jobs.get(m.group(2))
-                if job is None:
-                    return self._not_found(f"trainjobs {m.group(2)}")
-                return self._send(200, {**job.body, "status": kube.status(job)})
-            if m := pods.match(req.path):
-                selector = req.query.get("labelSelector", "")
-                job = kube.jobs.get(selector.removeprefix("jobset.sigs.k8s.io/jobset-name="))
-                items = [] if job is None else [
-                    {"metadata": {"name": n.pod, "namespace": m.group(1), "labels": {
-                        "jobset.sigs.k8s.io/jobset-name": job.body["metadata"]["name"],
-                        "jobset.sigs.k8s.io/replicatedjob-name": "node",
-                        "batch.kubernetes.io/job-completion-index": str(n.index)}},
-                     "status": {"phase": n.phase}} for n in job.nodes]
-                return self._send(200, {"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items})
-            if m := pod_log.match(req.path):
-                node = next((n for j in kube.jobs.values() for n in j.nodes if n.pod == m.group(2)), None)
-                if node is None or node.proc is None:
-                    return self._not_found(f"pods {m.group(2)}")
-                return self._stream(node, follow=req.query.get("follow", "").lower() == "true")  # Go ParseBool: True too
-            self._not_found(req.path)
+    def do_DELETE(self) -> None:
+        req = self._record()
+        m = TRAINJOB.match(req.path)
+        if not m or not m.group(2) or m.group(2) not in self.kube.jobs:
+            return self._not_found(req.path)
+        job = self.kube.jobs[m.group(2)]
+        job.deleted = True
+        for node in job.nodes:  # the cluster stops a deleted job's pods
+            if node.proc is not None and node.proc.poll() is None:
+                node.proc.kill()
+        self._send(200, {"kind": "Status", "status": "Success"})
 
-        def _stream(self, node: Node, follow: bool) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain")
-            self.end_headers()
-            with node.log_path.open("rb") as log:
-                while True:
-                    done = node.proc.poll() is not None
-                    chunk = log.read()
-                    if chunk:
-                        self.wfile.write(chunk)
-                        self.wfile.flush()
-                    elif done or not follow:
-                        return
-                    else:
-                        time.sleep(0.05)
+    def do_PATCH(self) -> None:  # recorded, so a test sees any call the fake does not serve
+        self._not_found(self._record().path)
 
-    return Handler
+    do_PUT = do_PATCH
+
+    def do_GET(self) -> None:
+        req = self._record()
+        if m := RUNTIME.match(req.path):
+            if m.group(1) not in self.kube.runtimes:
+                return self._not_found(f"clustertrainingruntimes {m.group(1)}")
+            return self._send(200, {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "ClusterTrainingRuntime",
+                                    "metadata": {"name": m.group(1)}})
+        if (m := TRAINJOB.match(req.path)) and m.group(2):
+            job = self.kube.jobs.get(m.group(2))
+            if job is None:
+                return self._not_found(f"trainjobs {m.group(2)}")
+            return self._send(200, {**job.body, "status": self.kube.status(job)})
+        if m := PODS.match(req.path):
+            selector = req.query.get("labelSelector", "")
+            job = self.kube.jobs.get(selector.removeprefix("jobset.sigs.k8s.io/jobset-name="))
+            items = [] if job is None else [
+                {"metadata": {"name": n.pod, "namespace": m.group(1), "labels": {
+                    "jobset.sigs.k8s.io/jobset-name": job.body["metadata"]["name"],
+                    "jobset.sigs.k8s.io/replicatedjob-name": "node",
+                    "batch.kubernetes.io/job-completion-index": str(n.index)}},
+                 "status": {"phase": n.phase}} for n in job.nodes]
+            return self._send(200, {"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items})
+        if m := POD_LOG.match(req.path):
+            node = next((n for j in self.kube.jobs.values() for n in j.nodes if n.pod == m.group(2)), None)
+            if node is None or node.proc is None:
+                return self._not_found(f"pods {m.group(2)}")
+            return self._stream(node, follow=req.query.get("follow", "").lower() == "true")  # Go ParseBool: True too
+        self._not_found(req.path)
+
+    def _stream(self, node: Node, follow: bool) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.end_headers()
+        with node.log_path.open("rb") as log:
+            while True:
+                done = node.proc.poll() is not None
+                chunk = log.read()
+                if chunk:
+                    self.wfile.write(chunk)
+                    self.wfile.flush()
+                elif done or not follow:
+                    return
+                else:
+                    time.sleep(0.05)
 
 
 @pytest.fixture(scope="session")
 def fake_kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FakeKube, str]]:
     """(the fake cluster, its base URL)."""
     kube = FakeKube(tmp_path_factory.mktemp("kube"))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(kube))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (FakeKubeHandler,), {"kube": kube}))
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -130,9 +130,10 @@ def test_a_failed_job_fails_with_its_reason_in_one_line(trainjob_runs) -> None:
     assert message.startswith("TrainJob team-a/kiln-train-") and message.endswith(
         "failed: JobsFailed: jobset failed: node 0 exited with code 1 (see its log)")
     # the pod's own error was streamed into the log, and the staged inputs are kept
-    assert any("bad_val.parquet: missing columns ['pixels', 'sha256']" in line for line in run.log)
     body = next(r.body for r in run.requests if r.method == "POST")
-    assert Path(body["spec"]["trainer"]["command"][6]).is_file()  # --val, kept for inspection
+    staged_val = body["spec"]["trainer"]["command"][6]
+    assert any(f"{staged_val}: missing columns ['pixels', 'sha256']" in line for line in run.log)
+    assert Path(staged_val).is_file()  # kept for inspection
 
 
 def test_a_job_that_never_finishes_times_out_and_is_deleted(trainjob_runs) -> None:
