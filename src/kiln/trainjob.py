@@ -236,8 +236,12 @@ class TrainJobClient:
                                 f"{e.status} {_one_line(e.body or e.reason)}") from None
 
     def get(self, name: str) -> models.TrainerV1alpha1TrainJob:
-        return models.TrainerV1alpha1TrainJob.from_dict(
-            self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, TRAINJOBS, name))
+        try:
+            raw = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, TRAINJOBS, name)
+        except self._api_exception as e:
+            gone = " (deleted while running?)" if e.status == 404 else ""
+            raise TrainJobError(f"cannot read TrainJob {self.namespace}/{name}{gone}: {e.status} {_one_line(e.reason)}") from None
+        return models.TrainerV1alpha1TrainJob.from_dict(raw)
 
     def delete(self, name: str) -> None:
         self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, TRAINJOBS, name)

@@ -162,3 +162,15 @@ def test_the_two_node_trainjob_ends_with_the_single_process_weights(trainjob_run
     assert list(got) == list(reference_state)
     for key, value in reference_state.items():
         torch.testing.assert_close(got[key], value, atol=1e-4, rtol=1e-4)
+
+
+def test_a_job_that_vanished_is_a_one_line_error(fake_kube) -> None:
+    from kubernetes import client
+
+    from kiln.trainjob import TrainJobClient
+
+    _, url = fake_kube
+    with client.ApiClient(client.Configuration(host=url)) as api:
+        with pytest.raises(TrainJobError, match=r"^cannot read TrainJob team-a/gone \(deleted while running\?\): 404 ") as info:
+            TrainJobClient("team-a", api).get("gone")
+    assert "\n" not in str(info.value)
