@@ -150,6 +150,27 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> TinyRuns:
     return TinyRuns(store, first, second, rejected)
 
 
+@pytest.fixture(scope="session")
+def report_of(tiny_runs: TinyRuns):
+    """``report_of(run)``: the RunReport of one tiny run, collected from its files as the report step does."""
+    from kiln.report import Lineage, collect_run
+
+    def make(run: Run):
+        p, m = run.paths, run.metrics
+        lineage = Lineage(git_commit="0123456789abcdef", data_version=run.data_version,
+                          parameters={"model_type": "mlp", "epochs": 3, "min_class_recall": LOW_BAR["min_class_recall"]},
+                          data_repo="/srv/data", data_rev="v1", run=run.dir.name)
+        return collect_run(
+            lineage, raw=p["raw"], cleaned=p["cleaned.parquet"], quarantine=p["quarantine.csv"],
+            repairs=p["repairs.csv"], validation_metrics=m["validation"], drift_metrics=m["drift"],
+            curves_metrics=m["curves"], onnx_metadata=m["onnx"], variants_dir=p["variants"],
+            eval_metrics=m["evaluation"], predictions=p["predictions.csv"], verdict=p["verdict.md"],
+            blessed=run.blessed, deployed_version=run.deployed_version, model_store=tiny_runs.store,
+            model_name=MODEL)
+
+    return make
+
+
 # --- headless Chromium ------------------------------------------------------------------
 
 

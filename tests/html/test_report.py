@@ -12,34 +12,9 @@ import pytest
 from PIL import Image
 
 from kiln.html import render
-from kiln.report import (
-    SECTIONS,
-    EvaluationSummary,
-    Lineage,
-    RunReport,
-    Validation,
-    collect_run,
-    render_report,
-    write_report,
-)
+from kiln.report import SECTIONS, EvaluationSummary, Lineage, RunReport, Validation, render_report, write_report
 
 IMG_SRC = re.compile(r'<img[^>]*\bsrc="([^"]*)"')
-
-
-def lineage(run, **parameters) -> Lineage:
-    return Lineage(git_commit="0123456789abcdef", data_version=run.data_version,
-                   parameters={"model_type": "mlp", "epochs": 2, "min_class_recall": 0.1, **parameters},
-                   data_repo="/srv/data", data_rev="v1", run=run.dir.name)
-
-
-def report_of(run, store: Path, **parameters) -> RunReport:
-    p, m = run.paths, run.metrics
-    return collect_run(
-        lineage(run, **parameters), raw=p["raw"], cleaned=p["cleaned.parquet"], quarantine=p["quarantine.csv"],
-        repairs=p["repairs.csv"], validation_metrics=m["validation"], drift_metrics=m["drift"],
-        curves_metrics=m["curves"], onnx_metadata=m["onnx"], variants_dir=p["variants"],
-        eval_metrics=m["evaluation"], predictions=p["predictions.csv"], verdict=p["verdict.md"],
-        blessed=run.blessed, deployed_version=run.deployed_version, model_store=store, model_name="mnist")
 
 
 def decoded_images(page: str) -> list[Image.Image]:
@@ -59,9 +34,9 @@ def assert_self_contained(page: str) -> None:
     assert "<script" not in page and "<link" not in page and "url(" not in page and "@import" not in page
 
 
-def test_second_run_report_has_every_part(tiny_runs, tmp_path: Path) -> None:
+def test_second_run_report_has_every_part(tiny_runs, report_of, tmp_path: Path) -> None:
     run = tiny_runs.second
-    path = write_report(report_of(run, tiny_runs.store), tmp_path / "out" / "report.html")
+    path = write_report(report_of(run), tmp_path / "out" / "report.html")
     page = path.read_text(encoding="utf-8")
 
     for name in SECTIONS:
@@ -83,9 +58,9 @@ def test_second_run_report_has_every_part(tiny_runs, tmp_path: Path) -> None:
         assert f"<td>{name}</td>" in page
 
 
-def test_first_run_has_no_drift_reference_nor_champion(tiny_runs) -> None:
+def test_first_run_has_no_drift_reference_nor_champion(tiny_runs, report_of) -> None:
     run = tiny_runs.first
-    report = report_of(run, tiny_runs.store)
+    report = report_of(run)
     page = render_report(report)
 
     assert "Not checked</strong>: no production model" in page
@@ -108,9 +83,9 @@ def test_first_run_has_no_drift_reference_nor_champion(tiny_runs) -> None:
     assert_self_contained(page)
 
 
-def test_rejected_run_says_why_it_was_not_deployed(tiny_runs) -> None:
+def test_rejected_run_says_why_it_was_not_deployed(tiny_runs, report_of) -> None:
     run = tiny_runs.rejected
-    page = render_report(report_of(run, tiny_runs.store))
+    page = render_report(report_of(run))
 
     assert not run.blessed and "NOT DEPLOYED" in page
     assert "Not deployed (not blessed: FAIL min_accuracy: accuracy" in page
@@ -118,9 +93,9 @@ def test_rejected_run_says_why_it_was_not_deployed(tiny_runs) -> None:
     assert "&lt; 0.9999" in page  # the failed check, escaped
 
 
-def test_parts_from_objects_match_parts_from_files(tiny_runs) -> None:
+def test_parts_from_objects_match_parts_from_files(tiny_runs, report_of) -> None:
     run = tiny_runs.second
-    from_files = report_of(run, tiny_runs.store)
+    from_files = report_of(run)
     from_object = EvaluationSummary.from_evaluation(run.evaluation)
 
     assert from_object.confusion_matrix == from_files.evaluation.confusion_matrix
