@@ -20,6 +20,8 @@ def _figure(width: float, height: float):
 
 def training_curves(history: Sequence[Mapping[str, float]], best_epoch: int | None = None) -> bytes:
     """Train/val loss (left) and val accuracy (right) per epoch, the best epoch marked."""
+    from matplotlib.ticker import MaxNLocator
+
     if not history:
         raise ValueError("no epochs to plot")
     epochs = [int(r["epoch"]) for r in history]
@@ -32,6 +34,7 @@ def training_curves(history: Sequence[Mapping[str, float]], best_epoch: int | No
         if best_epoch:
             ax.axvline(best_epoch, color="grey", linestyle="--", label=f"best epoch {best_epoch}")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()

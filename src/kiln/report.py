@@ -17,7 +17,7 @@ import io
 import json
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -281,7 +281,8 @@ class EvaluationSummary:
         if "champion_accuracy" in metrics:
             champion = {"accuracy": float(metrics["champion_accuracy"]),
                         "accuracy_delta": float(metrics.get("champion_accuracy_delta", "nan"))}
-        return cls({k: float(v) for k, v in metrics.items() if not k.startswith("champion")}, CLASS_LABELS,
+        scores = {k: float(v) for k, v in metrics.items() if not k.startswith("champion") and k != "test_images"}
+        return cls(scores, CLASS_LABELS,
                    tuple(tuple(int(v) for v in row) for row in matrix),
                    {CLASS_LABELS[i]: float(recall[i]) for i in ids},
                    {CLASS_LABELS[i]: int(matrix[i].sum()) for i in ids}, reasons, bool(blessed), champion,
