@@ -31,8 +31,6 @@ reported as a warning only. The labels drift when the p-value < ``chi2_p_value``
 
 from __future__ import annotations
 
-import html
-import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -43,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from kiln.dataset import CLEAN_COLUMNS, read_table
+from kiln.html import render, trusted
 from kiln.stats import image_statistics
 from kiln.store import ModelStore
 
@@ -256,76 +255,19 @@ def save_reference_statistics(clean_path: str | Path, version_dir: str | Path) -
 
 # --- HTML --------------------------------------------------------------------------
 
-_CSS = """
-body { font-family: system-ui, sans-serif; margin: 2rem; color: #222; }
-h1 { font-size: 1.4rem; }
-.summary { font-size: 1.1rem; margin: 1rem 0; }
-.ok { color: #176d2c; } .warn { color: #8a5a00; } .drift { color: #b00020; }
-table { border-collapse: collapse; margin-bottom: 1.5rem; }
-th, td { border: 1px solid #ccc; padding: 0.35rem 0.6rem; text-align: right; }
-th { background: #f2f2f2; } td:first-child, th:first-child { text-align: left; }
-tr.drift td { background: #fdecee; } tr.warn td { background: #fff6e0; }
-"""
-
-
-def _f(value: float) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4g}"
-
 
 def _page(body: str, verdict: str) -> str:
-    return "\n".join([
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>kiln data drift: {html.escape(verdict)}</title>",
-        f"<style>{_CSS}</style></head><body>",
-        body,
-        "</body></html>",
-        "",
-    ])
+    """A whole drift page around ``body`` (HTML kiln rendered, embedded as is)."""
+    return render("drift.html", body=trusted(body), verdict=verdict)
 
 
 def _report_body(r: DriftReport) -> str:
-    e, c = html.escape, r.config
-    cls = "drift" if r.drifted else ("warn" if r.warned_statistics else "ok")
-    verdict = (f"DRIFT in {', '.join(r.drifted_statistics)}" if r.drifted
-               else f"no drift (warnings: {', '.join(r.warned_statistics)})" if r.warned_statistics else "no drift")
-    rows = "".join(
-        f'<tr class="{s.status}"><td>{e(s.name)}</td><td>{_f(s.psi)}</td><td class="{s.status}">{s.status}</td>'
-        f"<td>{_f(s.reference_mean)}</td><td>{_f(s.current_mean)}</td><td>{s.bins}</td></tr>"
-        for s in r.statistics
-    )
-    labels = sorted(set(r.label_counts_reference) | set(r.label_counts_current))
-    ref_n, cur_n = max(sum(r.label_counts_reference.values()), 1), max(sum(r.label_counts_current.values()), 1)
-    label_rows = "".join(
-        f"<tr><td>{k}</td><td>{r.label_counts_reference.get(k, 0)}</td><td>{r.label_counts_reference.get(k, 0) / ref_n:.3f}</td>"
-        f"<td>{r.label_counts_current.get(k, 0)}</td><td>{r.label_counts_current.get(k, 0) / cur_n:.3f}</td></tr>"
-        for k in labels
-    )
-    label_cls = "drift" if r.labels_drifted else "ok"
-    skipped = f"<p>Skipped (no values): {e(', '.join(r.skipped))}</p>" if r.skipped else ""
-    return "\n".join([
-        "<h1>kiln data drift &mdash; current data vs the production model's training data</h1>",
-        f'<p class="summary"><strong class="{cls}">{e(verdict)}</strong>: {r.n_current} current images vs '
-        f"{r.n_reference} reference images.</p>",
-        f"<p>PSI warn at &ge; {c.psi_warn}, drift at &ge; {c.psi_fail}; {c.psi_bins} reference-quantile bins, "
-        f"shares floored at {c.psi_epsilon}. Labels: chi-square test, drift when p &lt; {c.chi2_p_value}.</p>",
-        "<h2>Image statistics (PSI)</h2>",
-        "<table><tr><th>statistic</th><th>PSI</th><th>status</th><th>reference mean</th><th>current mean</th>"
-        f"<th>bins</th></tr>{rows}</table>",
-        skipped,
-        "<h2>Label distribution</h2>",
-        f'<p class="{label_cls}">chi-square = {_f(r.chi2_statistic)}, p-value = {_f(r.chi2_p_value)} '
-        f"({'drift' if r.labels_drifted else 'ok'})</p>",
-        "<table><tr><th>label</th><th>reference count</th><th>reference share</th><th>current count</th>"
-        f"<th>current share</th></tr>{label_rows}</table>",
-    ])
+    return render("drift_body.html", r=r)
 
 
 def render_no_reference_html(reason: str) -> str:
     """The page written when there is nothing to compare against."""
-    body = (f"<h1>kiln data drift &mdash; not checked</h1>"
-            f'<p class="summary"><strong class="warn">No drift check</strong>: {html.escape(reason)}</p>')
-    return _page(body, "not checked")
+    return _page(render("drift_body.html", reason=reason), "not checked")
 
 
 def run_drift(

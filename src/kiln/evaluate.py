@@ -11,7 +11,6 @@ records each check with the observed and required values, pass or fail.
 from __future__ import annotations
 
 import dataclasses
-import html
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -357,67 +356,12 @@ def verdict_markdown(evaluation: Evaluation) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
-
-
 def report_html(evaluation: Evaluation, title: str = "kiln evaluation") -> str:
     """A self-contained HTML page (no scripts, no external resources; every value
     escaped): verdict, reasons, scalar metrics, per-class table and confusion matrix."""
-    e = html.escape
-    verdict = "Blessed" if evaluation.blessed else "Not blessed"
-    scalars = [
-        ("test images", str(evaluation.n)),
-        ("accuracy", _fmt(evaluation.accuracy)),
-        ("precision (macro)", _fmt(evaluation.precision_macro)),
-        ("recall (macro)", _fmt(evaluation.recall_macro)),
-        ("F1 (macro)", _fmt(evaluation.f1_macro)),
-        ("precision (weighted)", _fmt(evaluation.precision_weighted)),
-        ("recall (weighted)", _fmt(evaluation.recall_weighted)),
-        ("F1 (weighted)", _fmt(evaluation.f1_weighted)),
-        ("ROC AUC (one-vs-rest, macro)", _fmt(evaluation.roc_auc_ovr_macro)),
-    ]
-    if evaluation.champion is not None:
-        scalars += [
-            ("champion accuracy", _fmt(evaluation.champion["accuracy"])),
-            ("accuracy delta (challenger - champion)", f"{evaluation.champion['accuracy_delta']:+.4f}"),
-            ("champion tolerance", _fmt(evaluation.champion["tolerance"])),
-        ]
-    else:
-        scalars.append(("champion", "none (no production model)"))
-    rows = "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in scalars)
-    reasons = "".join(
-        f'<li class="{"pass" if r.startswith("PASS") else "fail"}">{e(r)}</li>' for r in evaluation.reasons
-    )
-    per_class = "".join(
-        f"<tr><th>{e(lbl)}</th><td>{_fmt(evaluation.per_class_precision.get(lbl))}</td>"
-        f"<td>{_fmt(evaluation.per_class_recall.get(lbl))}</td><td>{_fmt(evaluation.per_class_f1.get(lbl))}</td>"
-        f"<td>{e(str(evaluation.support.get(lbl, 0)))}</td></tr>"
-        for lbl in evaluation.labels
-    )
-    head = "".join(f"<th>{e(lbl)}</th>" for lbl in evaluation.labels)
-    matrix = "".join(
-        f"<tr><th>{e(lbl)}</th>"
-        + "".join(f'<td{" class=diag" if i == j else ""}>{int(v)}</td>' for j, v in enumerate(row))
-        + "</tr>"
-        for i, (lbl, row) in enumerate(zip(evaluation.labels, evaluation.confusion_matrix))
-    )
-    style = (
-        "body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;margin-bottom:1.5em}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}.pass{color:#176317}.fail{color:#a00}"
-        ".diag{background:#e3f2e3}"
-    )
-    return (
-        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{e(title)}</title><style>{style}</style></head>'
-        f"<body><h1>{e(title)}: {e(verdict)}</h1>"
-        f"<h2>Checks</h2><ul>{reasons}</ul>"
-        f"<h2>Metrics</h2><table>{rows}</table>"
-        f"<h2>Per class</h2><table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"
-        f"{per_class}</table>"
-        f"<h2>Confusion matrix</h2><p>rows: true class, columns: predicted class</p>"
-        f"<table><tr><th></th>{head}</tr>{matrix}</table>"
-        f"</body></html>\n"
-    )
+    from kiln.html import render
+
+    return render("evaluation.html", e=evaluation, title=title)
 
 
 def run_evaluate(

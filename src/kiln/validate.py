@@ -17,9 +17,7 @@ The suite JSON and the HTML report are deterministic for a given table and confi
 
 from __future__ import annotations
 
-import html
 import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -31,6 +29,7 @@ import pandas as pd
 
 from kiln.contract import IMAGE_SIZE, NUM_CLASSES
 from kiln.dataset import CLEAN_COLUMNS, DatasetError, read_table
+from kiln.html import compact, render
 from kiln.stats import INK_THRESHOLD, STAT_COLUMNS, image_statistics
 
 if TYPE_CHECKING:
@@ -322,17 +321,7 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=default))
 
 
-def _fmt(value: Any) -> str:
-    """Compact text for a value in a report: floats to 4 significant digits, long strings
-    (hex digests) shortened to their first 12 characters."""
-    if isinstance(value, float):
-        return "null" if math.isnan(value) else f"{value:.4g}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_fmt(v) for v in value) + "]"
-    if value is None or value is pd.NA:
-        return "null"
-    text = str(value)
-    return text if len(text) <= 20 else text[:12] + "..."
+_fmt = compact  # the one formatter every kiln page and message shares (kiln.html)
 
 
 def _expected_text(expectation_type: str, kwargs: dict[str, Any]) -> str:
@@ -499,68 +488,11 @@ def validate_table(df_clean: pd.DataFrame, config: ValidationConfig | None = Non
     )
 
 
-_CSS = """
-body { font-family: system-ui, sans-serif; margin: 2rem; color: #222; }
-h1 { font-size: 1.4rem; }
-.summary { font-size: 1.1rem; margin: 1rem 0; }
-.pass { color: #176d2c; } .fail { color: #b00020; }
-table { border-collapse: collapse; width: 100%; }
-th, td { border: 1px solid #ccc; padding: 0.35rem 0.5rem; text-align: left; vertical-align: top; }
-th { background: #f2f2f2; }
-tr.failed td { background: #fdecee; }
-code { font-size: 0.9em; }
-.notes { color: #555; font-size: 0.9em; }
-"""
-
-
 def render_html(report: ValidationReport) -> str:
     """A self-contained HTML page for ``report`` (inline CSS, no scripts or external
     resources): summary counts, failed expectations first, then every expectation with
     pass/fail, observed and expected. All report text is HTML-escaped."""
-    e = html.escape
-    verdict = "PASSED" if report.success else "FAILED"
-    cls = "pass" if report.success else "fail"
-
-    def row(index: int, o: ExpectationOutcome) -> str:
-        status = '<span class="pass">pass</span>' if o.success else '<span class="fail">FAIL</span>'
-        return (
-            f'<tr class="{"passed" if o.success else "failed"}"><td>{index}</td><td>{status}</td>'
-            f"<td><code>{e(o.expectation_type)}</code></td><td>{e(str(o.column or ''))}</td>"
-            f"<td>{e(o.expected)}</td><td>{e(o.observed)}</td>"
-            f'<td class="notes">{e(o.notes)}</td></tr>'
-        )
-
-    header = (
-        "<tr><th>#</th><th>status</th><th>expectation</th><th>column</th>"
-        "<th>expected</th><th>observed</th><th>why</th></tr>"
-    )
-    failed = [(i, o) for i, o in enumerate(report.results, 1) if not o.success]
-    failed_section = (
-        "<h2>Failed expectations</h2><ul>"
-        + "".join(
-            f"<li><code>{e(o.name)}</code>: observed {e(o.observed)}; expected {e(o.expected)}</li>" for _, o in failed
-        )
-        + "</ul>"
-        if failed
-        else ""
-    )
-    return "\n".join(
-        [
-            "<!DOCTYPE html>",
-            '<html lang="en"><head><meta charset="utf-8">',
-            f"<title>kiln data validation: {e(verdict)}</title>",
-            f"<style>{_CSS}</style></head><body>",
-            f"<h1>kiln data validation &mdash; suite <code>{e(report.suite_name)}</code></h1>",
-            f'<p class="summary"><strong class="{cls}">{e(verdict)}</strong>: '
-            f"{report.successful} of {report.evaluated} expectations passed, {report.failed} failed, "
-            f"on {report.n_rows} rows (Great Expectations {e(report.gx_version)}).</p>",
-            failed_section,
-            "<h2>All expectations</h2>",
-            f"<table>{header}{''.join(row(i, o) for i, o in enumerate(report.results, 1))}</table>",
-            "</body></html>",
-            "",
-        ]
-    )
+    return render("validation.html", report=report)
 
 
 def run_validation(
