@@ -55,8 +55,9 @@ clean-runs:
 # Build every image named in images.toml (base images pinned by digest there);
 # PUSH=1 also pushes them. Needs a Docker engine and a registry.
 images:
-	PYTHONPATH=src $(PYTHON) -m kiln.images commands --git-commit $$(git rev-parse HEAD) $(if $(PUSH),--push) > build-images.sh.tmp
-	bash -euxo pipefail build-images.sh.tmp; rc=$$?; rm -f build-images.sh.tmp; exit $$rc
+	mkdir -p build
+	PYTHONPATH=src $(PYTHON) -m kiln.images commands --git-commit $$(git rev-parse HEAD) $(if $(PUSH),--push) > build/images.sh
+	bash -eux build/images.sh
 
 # One epoch of bf16 CUDA training, export, ONNX Runtime CUDA vs CPU on the test split;
 # writes bench/results/gpu_check.json. Exits with one line where no CUDA GPU is visible.
@@ -66,4 +67,4 @@ gpu-check: setup
 # The KServe SDK in its own venv (it pins pandas<3): tests/k8s round-trips the
 # InferenceServices through its v1beta1 models. The test builds it too when absent.
 kserve-sdk:
-	$(BIN)/python -m tests.k8s.kserve_venv
+	PYTHON=$(PYTHON) bash tests/k8s/build_kserve_venv.sh build/kserve-venv
