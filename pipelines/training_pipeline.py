@@ -17,8 +17,8 @@ from kfp import compiler, dsl, kubernetes
 from components import make_components
 
 PIPELINE_NAME = "kiln-training"
-DEFAULT_IMAGE = "ghcr.io/kiln-ml/kiln:0.1.0"
-"""The image built from ``components/Dockerfile``; override with ``--image`` when compiling."""
+DEFAULT_IMAGE = __import__("kiln.images").images.image_ref("steps")
+"""The steps image named in ``images.toml`` (``make images`` builds it); override with ``--image`` when compiling."""
 DEFAULT_MODEL_STORE_PVC = "kiln-model-store"
 """The PersistentVolumeClaim of ``k8s/base`` that the server reads models from."""
 MODEL_STORE_MOUNT = "/mnt/models"

@@ -14,6 +14,7 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -96,6 +97,26 @@ def raw_table_from_dir(root: Path) -> pd.DataFrame:
     return df.astype({"id": "string", "label": "string", "path": "string", "in_manifest": bool})
 
 
+def _remote_of(fs: Any) -> str:
+    """`` from DVC remote 'name' (url)`` of the repository ``fs`` reads, or "" if unknown."""
+    try:
+        config = fs.repo.config
+        name = config["core"]["remote"]
+        return f" via DVC remote {name!r} ({config['remote'][name]['url']})"
+    except (AttributeError, KeyError, TypeError):
+        return ""
+
+
+def _root_cause(error: BaseException) -> str:
+    """The first line of the innermost exception behind ``error`` (DVC wraps S3's own
+    errors, e.g. an unreachable endpoint or a rejected key, in "failed to load directory")."""
+    seen = [error]
+    while (nxt := seen[-1].__cause__ or seen[-1].__context__) is not None and nxt not in seen:
+        seen.append(nxt)
+    lines = [line for e in reversed(seen) for line in str(e).splitlines()[:1] if line.strip()]
+    return f"{type(seen[-1]).__name__}: {lines[0]}" if lines else type(seen[-1]).__name__
+
+
 def ingest(data_repo: str, data_rev: str, out_path: str | Path, data_path: str = "data") -> IngestResult:
     """Read ``data_path`` of ``data_repo`` at ``data_rev`` into a raw table at ``out_path``.
 
@@ -129,7 +150,8 @@ def ingest(data_repo: str, data_rev: str, out_path: str | Path, data_path: str =
         try:
             fs.get(data_path, tmp, recursive=True)
         except dvc_errors as e:
-            raise IngestError(f"cannot fetch {data_path!r} from {data_repo!r} at {data_rev or '<workspace>'}: {e}") from e
+            raise IngestError(f"cannot fetch {data_path!r} from {data_repo!r} at {data_rev or '<workspace>'}"
+                              f"{_remote_of(fs)}: {_root_cause(e)}") from e
         root = Path(tmp) / Path(data_path).name
         df = raw_table_from_dir(root if root.is_dir() else Path(tmp))
     write_table(df, out_path)

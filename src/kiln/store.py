@@ -6,11 +6,20 @@ Layout::
     <root>/<model>/<version>/model.json     # lineage: sha256, data version, git commit, params, metrics
     <root>/<model>/<version>/model.int8.onnx  # shipped variants, each listed (file, sha256) under "variants"
     <root>/<model>/production               # text file holding the production version
+    <root>/<model>/config.pbtxt             # Triton model configuration (see below)
 
 Versions are positive integers assigned in order (as KServe/Triton expect). Aliases are
 small text files replaced with ``os.replace``, so a reader sees the old version or the
 new one, never a half-written alias; a version directory is complete before its alias
 can point at it (it is written under a temporary name and renamed into place).
+
+Everything is readable by every uid (folders 0755, files 0644, whatever the writer's
+umask), since the readers are other processes: a server image, KServe's Triton runtime.
+
+The store is also a Triton model repository: ``config.pbtxt`` describes the ONNX
+contract and its ``version_policy`` names the production version only; it is rewritten
+(atomically) whenever the ``production`` alias moves, so a Triton server polling the
+repository (``--model-control-mode=poll``) serves what the alias says.
 """
 
 from __future__ import annotations
@@ -25,9 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kiln.contract import IMAGE_SIZE, INPUT_NAME, LABEL_NAME, NUM_CLASSES, PROBABILITIES_NAME
+
 MODEL_FILE = "model.onnx"
 META_FILE = "model.json"
 PRODUCTION = "production"
+TRITON_CONFIG = "config.pbtxt"
+TRITON_MAX_BATCH_SIZE = 64
+DIR_MODE = 0o755
+FILE_MODE = 0o644
 
 
 class StoreError(RuntimeError):
@@ -41,6 +56,49 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def make_readable(path: Path) -> None:
+    """Give a version folder (and what is in it) modes 0755/0644 whatever the umask.
+    Entries another uid owns are left as they are (only their owner may chmod them)."""
+    uid = os.getuid()
+    for entry in (path, *path.rglob("*")):
+        if entry.stat().st_uid == uid:
+            entry.chmod(DIR_MODE if entry.is_dir() else FILE_MODE)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` (mode 0644): readers see the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fchmod(f.fileno(), FILE_MODE)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def triton_config(model: str, version: str) -> str:
+    """Triton's ``config.pbtxt`` for ``model`` (kiln's ONNX contract, see kiln.contract),
+    serving only ``version``. ``label`` is [N] in the graph: a batched output of one
+    value per row, declared as dims [1] reshaped to a scalar."""
+    return f"""name: "{model}"
+platform: "onnxruntime_onnx"
+max_batch_size: {TRITON_MAX_BATCH_SIZE}
+input [
+  {{ name: "{INPUT_NAME}" data_type: TYPE_UINT8 dims: [ {IMAGE_SIZE}, {IMAGE_SIZE} ] }}
+]
+output [
+  {{ name: "{PROBABILITIES_NAME}" data_type: TYPE_FP32 dims: [ {NUM_CLASSES} ] }},
+  {{ name: "{LABEL_NAME}" data_type: TYPE_INT64 dims: [ 1 ] reshape: {{ shape: [ ] }} }}
+]
+version_policy: {{ specific: {{ versions: [ {int(version)} ] }} }}
+dynamic_batching {{ }}
+"""
 
 
 @dataclass(frozen=True)
@@ -134,6 +192,9 @@ class ModelStore:
         """
         model_dir = self._model_dir(model)
         model_dir.mkdir(parents=True, exist_ok=True)
+        for d in (self.root, model_dir):
+            if d.stat().st_uid == os.getuid():
+                d.chmod(DIR_MODE)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
         try:
             shutil.copyfile(onnx_file, staging / MODEL_FILE)
@@ -151,6 +212,7 @@ class ModelStore:
                 version = str(int(existing[-1]) + 1 if existing else 1)
                 full_meta["version"] = version
                 (staging / META_FILE).write_text(json.dumps(full_meta, indent=2, sort_keys=True) + "\n")
+                make_readable(staging)  # mkdtemp made it 0700
                 try:
                     # rename fails if another writer took this number first: try the next.
                     os.rename(staging, model_dir / version)
@@ -164,12 +226,15 @@ class ModelStore:
         return self.get(model, version)
 
     def set_alias(self, model: str, version: str, alias: str = PRODUCTION) -> None:
-        """Point ``alias`` at an existing ``version``, atomically."""
-        self.get(model, version)  # refuse to point at something that is not there
+        """Point ``alias`` at an existing ``version``, atomically.
+
+        The version's files are made readable to all first (files added beside the model
+        after :meth:`add_version`, like deploy's ``stats.parquet``, included). Moving
+        ``production`` also rewrites the Triton ``config.pbtxt`` to serve that version.
+        """
+        target = self.get(model, version)  # refuse to point at something that is not there
+        make_readable(target.path)
         model_dir = self._model_dir(model)
-        fd, tmp = tempfile.mkstemp(prefix=f".{alias}-", dir=model_dir)
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{version}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, model_dir / alias)
+        write_atomically(model_dir / alias, f"{version}\n")
+        if alias == PRODUCTION:
+            write_atomically(model_dir / TRITON_CONFIG, triton_config(model, version))
