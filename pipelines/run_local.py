@@ -58,6 +58,32 @@ def run(args: argparse.Namespace) -> Path:
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(run_root),
                enable_caching=args.cache, cache_root=str(cache_root))
     pipeline = build_pipeline(local_image(DEFAULT_IMAGE))
+    try:
+        _run_pipeline(pipeline, args)
+    finally:
+        write_metadata_only_artifacts(run_root)
+    return run_root
+
+
+def write_metadata_only_artifacts(run_root: Path) -> list[Path]:
+    """Give every output artifact that is only metadata (a ``Metrics`` filled by
+    ``log_metric``) a file: its metadata as JSON at its URI.
+
+    kfp.local's cache treats an entry whose local artifact file is missing as a miss, so
+    without this a step with metrics (validate, train) would never be served from cache.
+    """
+    written = []
+    for output in run_root.glob(f"{PIPELINE_NAME}-*/*/executor_output.json"):
+        for entry in json.loads(output.read_text()).get("artifacts", {}).values():
+            for artifact in entry.get("artifacts", []):
+                uri = Path(artifact.get("uri", ""))
+                if uri.is_absolute() and not uri.exists() and uri.parent.is_dir():
+                    uri.write_text(json.dumps(artifact.get("metadata", {}), indent=1, sort_keys=True))
+                    written.append(uri)
+    return written
+
+
+def _run_pipeline(pipeline, args: argparse.Namespace) -> None:
     pipeline(
         data_repo=str(Path(args.data_repo).resolve()) if Path(args.data_repo).exists() else args.data_repo,
         data_rev=args.data_rev,
@@ -73,7 +99,6 @@ def run(args: argparse.Namespace) -> Path:
         min_class_recall=args.min_class_recall,
         champion_tolerance=args.champion_tolerance,
     )
-    return run_root
 
 
 def task_dir(run_root: Path, task: str) -> Path | None:
