@@ -14,8 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import kfp_server_api
+import urllib3
 import yaml
 
+API_ERRORS = (kfp_server_api.ApiException, urllib3.exceptions.HTTPError)
+"""What a KFP call raises: an HTTP error answer, or no answer (connection, TLS, timeout)."""
 SA_TOKEN_ENV = "KF_PIPELINES_SA_TOKEN_PATH"
 CRON_FIELDS = 6  # KFP's cron (robfig/cron) has a leading seconds field
 
@@ -157,8 +161,6 @@ def find_version(kfp_client, pipeline_id: str, version: str | None):
 def upload(conn: Connection, package: Path, name: str, version: str, description: str = "") -> tuple[str, str]:
     """Register ``package`` as version ``version`` of pipeline ``name`` (created if new);
     return (pipeline id, version id)."""
-    import kfp_server_api
-
     read_spec(package)  # refuse a file that is not a compiled pipeline before any call
     kfp_client = client(conn)
     pipeline_id = find_pipeline(kfp_client, conn, name)

@@ -92,13 +92,15 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _connection(args: argparse.Namespace):
-    module, _ = _pipelines_module("kfp_client")
+def _connection(module, args: argparse.Namespace):
     token = args.token
     if args.token_file:
-        token = Path(args.token_file).read_text().strip()
-    return module, module.Connection(host=args.host, namespace=args.namespace, token=token,
-                                     token_path=os.environ.get(module.SA_TOKEN_ENV))
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as e:
+            raise module.KfpError(f"cannot read --token-file: {e}") from e
+    return module.Connection(host=args.host, namespace=args.namespace, token=token,
+                             token_path=os.environ.get(module.SA_TOKEN_ENV))
 
 
 def _target(module, args: argparse.Namespace, root: Path):
@@ -112,17 +114,13 @@ _CACHING = {"compiled": None, "on": True, "off": False}
 
 def _kfp_call(args: argparse.Namespace) -> int:
     """Run a KFP command; API and input errors end it with one line and exit code 1."""
-    import kfp_server_api
-    import urllib3
-
-    module, conn = _connection(args)
-    root = find_repo_root()
+    module, root = _pipelines_module("kfp_client")
     try:
-        print(args.kfp(module, conn, args, root))
+        print(args.kfp(module, _connection(module, args), args, root))
     except module.KfpError as e:
         print(f"kiln {args.command}: {e}", file=sys.stderr)
         return 1
-    except (kfp_server_api.ApiException, urllib3.exceptions.HTTPError) as e:
+    except module.API_ERRORS as e:
         print(f"kiln {args.command}: {module.api_error(e)}", file=sys.stderr)
         return 1
     return 0
@@ -158,7 +156,7 @@ def _schedule_list(module, conn, args, root: Path) -> str:
 
 def _schedule_change(module, conn, args, root: Path) -> str:
     module.change_schedule(conn, args.id, args.action)
-    return f"recurring run {args.id}: {args.action}d" if args.action != "resume" else f"recurring run {args.id}: resumed"
+    return f"recurring run {args.id} " + {"pause": "paused", "resume": "resumed", "delete": "deleted"}[args.action]
 
 
 def _kfp_options(p: argparse.ArgumentParser) -> None:

@@ -196,3 +196,11 @@ def test_the_fake_refuses_fields_the_models_do_not_know(api: FakeKfp) -> None:
     assert len(api.violations) == 1
     api.violations.clear()  # expected here; the fixture asserts none for kiln's own requests
     assert json.loads(response.text)["code"] == 3
+
+
+def test_unreachable_host_and_missing_token_file_are_one_line_errors(api: FakeKfp, tmp_path: Path, capsys) -> None:
+    assert kiln(["schedule", "list", "--host", "http://127.0.0.1:9", "--namespace", "team-a", "--token", "t"]) == 1
+    assert one_line_error(capsys).startswith("kiln schedule: cannot reach the KFP API")
+    assert kiln(["schedule", "list", "--host", api.url, "--token-file", str(tmp_path / "absent")]) == 1
+    assert one_line_error(capsys).startswith("kiln schedule: cannot read --token-file")
+    assert api.requests == []
