@@ -18,11 +18,12 @@ from components.drift import drift
 from components.evaluate import evaluate
 from components.export import export
 from components.ingest import ingest
+from components.resolve import resolve
 from components.split import split
 from components.train import train
 from components.validate import validate
 
-STEPS = (ingest, clean, validate, drift, split, train, export, evaluate, deploy)
+STEPS = (resolve, ingest, clean, validate, drift, split, train, export, evaluate, deploy)
 
 
 def make_components(image: str) -> SimpleNamespace:

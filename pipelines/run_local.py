@@ -4,7 +4,12 @@ Each step runs as a subprocess of this Python (``SubprocessRunner(use_venv=False
 so the installed ``kiln`` package is what executes. Artifacts land under
 ``runs/<timestamp>/`` and a blessed model goes to ``model_store/``.
 
-    kiln run [--data-rev v1] [--epochs 8] [--model-type cnn] ...
+Runs share kfp.local's cache (``runs/.kfp_cache``): a run on unchanged data and code
+reuses the earlier run's steps up to training and export, and only resolve, drift,
+evaluate and deploy run again. The "image" string, which is part of the cache key,
+carries a hash of the kiln source (``kiln.version.local_image``).
+
+    kiln run [--data-rev v1] [--epochs 8] [--model-type cnn] [--no-cache] ...
 """
 
 import argparse
@@ -14,7 +19,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from pipelines.training_pipeline import DEFAULT_IMAGE, PIPELINE_NAME, build_pipeline
+from kiln.version import local_image
+from pipelines.training_pipeline import DEFAULT_IMAGE, PIPELINE_NAME, UNCACHED, build_pipeline
 
 
 def parse_args(argv: list[str], repo_root: Path) -> argparse.Namespace:
@@ -32,7 +38,11 @@ def parse_args(argv: list[str], repo_root: Path) -> argparse.Namespace:
     p.add_argument("--min-accuracy", type=float, default=0.95)
     p.add_argument("--min-macro-recall", type=float, default=0.95)
     p.add_argument("--min-class-recall", type=float, default=0.85)
+    p.add_argument("--champion-tolerance", type=float, default=0.005)
     p.add_argument("--runs-dir", default=str(repo_root / "runs"), help="where each run's artifacts go")
+    p.add_argument("--cache-root", help="kfp.local's task cache (default: <runs-dir>/.kfp_cache)")
+    p.add_argument("--no-cache", dest="cache", action="store_false",
+                   help="run every step, even those whose inputs and code are unchanged")
     return p.parse_args(argv)
 
 
@@ -44,8 +54,36 @@ def run(args: argparse.Namespace) -> Path:
     # is the point: this venv *is* the image's environment (same package, same pins).
     warnings.filterwarnings("ignore", message=".*non-Python base image", category=RuntimeWarning)
     run_root = Path(args.runs_dir).resolve() / dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(run_root))
-    pipeline = build_pipeline(DEFAULT_IMAGE)
+    cache_root = Path(args.cache_root or Path(args.runs_dir) / ".kfp_cache").resolve()
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(run_root),
+               enable_caching=args.cache, cache_root=str(cache_root))
+    pipeline = build_pipeline(local_image(DEFAULT_IMAGE))
+    try:
+        _run_pipeline(pipeline, args)
+    finally:
+        write_metadata_only_artifacts(run_root)
+    return run_root
+
+
+def write_metadata_only_artifacts(run_root: Path) -> list[Path]:
+    """Give every output artifact that is only metadata (a ``Metrics`` filled by
+    ``log_metric``) a file: its metadata as JSON at its URI.
+
+    kfp.local's cache treats an entry whose local artifact file is missing as a miss, so
+    without this a step with metrics (validate, train) would never be served from cache.
+    """
+    written = []
+    for output in run_root.glob(f"{PIPELINE_NAME}-*/*/executor_output.json"):
+        for entry in json.loads(output.read_text()).get("artifacts", {}).values():
+            for artifact in entry.get("artifacts", []):
+                uri = Path(artifact.get("uri", ""))
+                if uri.is_absolute() and not uri.exists() and uri.parent.is_dir():
+                    uri.write_text(json.dumps(artifact.get("metadata", {}), indent=1, sort_keys=True))
+                    written.append(uri)
+    return written
+
+
+def _run_pipeline(pipeline, args: argparse.Namespace) -> None:
     pipeline(
         data_repo=str(Path(args.data_repo).resolve()) if Path(args.data_repo).exists() else args.data_repo,
         data_rev=args.data_rev,
@@ -59,8 +97,8 @@ def run(args: argparse.Namespace) -> Path:
         min_accuracy=args.min_accuracy,
         min_macro_recall=args.min_macro_recall,
         min_class_recall=args.min_class_recall,
+        champion_tolerance=args.champion_tolerance,
     )
-    return run_root
 
 
 def task_dir(run_root: Path, task: str) -> Path | None:
@@ -82,11 +120,13 @@ def summarize(run_root: Path) -> dict:
     metrics = {}
     for artifact in evaluate.get("artifacts", {}).get("metrics", {}).get("artifacts", []):
         metrics = artifact.get("metadata", {})
-    deployed = executor_output(run_root, "deploy").get("parameterValues", {}).get("version")
+    deploy = executor_output(run_root, "deploy").get("parameterValues", {})
 
     def path(task: str, output: str) -> str:
         folder = task_dir(run_root, task)
-        return str(folder / output) if folder and (folder / output).exists() else "(not produced)"
+        if folder and (folder / output).exists():
+            return str(folder / output)
+        return "(not produced)" if task in UNCACHED or not evaluate else "(from cache: an earlier run's)"
 
     return {
         "run": str(run_root),
@@ -100,7 +140,9 @@ def summarize(run_root: Path) -> dict:
         "verdict": path("evaluate", "verdict"),
         "test_metrics": metrics,
         "blessed": evaluate.get("parameterValues", {}).get("Output"),
-        "deployed_version": deployed,
+        "deployed_version": deploy.get("version"),
+        "version_added": deploy.get("added"),
+        "ran": sorted(p.name for p in run_root.glob(f"{PIPELINE_NAME}-*/*") if p.is_dir()),
     }
 
 
@@ -121,7 +163,11 @@ def main(argv: list[str], repo_root: Path) -> int:
     for name in ("accuracy", "precision_macro", "recall_macro", "f1_macro"):
         if name in summary["test_metrics"]:
             print(f"{'test ' + name + ':':<20} {summary['test_metrics'][name]:.4f}")
-    if summary["deployed_version"]:
+    print(f"steps run:           {', '.join(summary['ran'])} (the others: from cache)")
+    if summary["deployed_version"] and not summary["version_added"]:
+        print(f"deployed:            nothing new: version {summary['deployed_version']} is the same model "
+              "and is production")
+    elif summary["deployed_version"]:
         store = Path(args.model_store) / args.model_name / summary["deployed_version"]
         print(f"deployed:            version {summary['deployed_version']} is production ({store})")
     else:

@@ -1,4 +1,5 @@
-"""The ``kiln`` command line: ``kiln data bootstrap|add``, ``kiln run``, ``kiln serve``, ``kiln compile``.
+"""The ``kiln`` command line: ``kiln data bootstrap|add``, ``kiln run``, ``kiln serve``, and for
+a Kubeflow cluster ``kiln compile | upload | submit | schedule create|list|pause|resume|delete``.
 
 Pipeline commands load ``pipelines/`` from the repository (found from the working
 directory upwards), so this package itself never imports kfp.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -64,11 +66,155 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return module.main(args.pipeline_args, repo_root=root)
 
 
+def _resources(pairs: list[str]) -> dict:
+    """``["train=4,8,8Gi,16Gi"]`` -> ``{"train": Resources(...)}`` over the defaults."""
+    module, _ = _pipelines_module("training_pipeline")
+    resources = dict(module.DEFAULT_RESOURCES)
+    for pair in pairs:
+        step, _, values = pair.partition("=")
+        parts = values.split(",")
+        if step not in resources or len(parts) != 4 or not all(parts):
+            raise SystemExit(f"kiln compile: --resources wants STEP=CPU_REQ,CPU_LIM,MEM_REQ,MEM_LIM with STEP one of "
+                             f"{sorted(resources)}, got {pair!r}")
+        resources[step] = module.Resources(*parts)
+    return resources
+
+
 def _cmd_compile(args: argparse.Namespace) -> int:
     module, root = _pipelines_module("training_pipeline")
-    out = module.compile_pipeline(Path(args.output) if args.output else root / "pipelines" / "training_pipeline.yaml")
+    cluster = module.ClusterOptions(
+        model_store_pvc=args.model_store_pvc, dvc_secret=args.dvc_secret, git_secret=args.git_secret,
+        gpus=args.gpus, gpu_type=args.gpu_type, resources=_resources(args.resources), retries=args.retries,
+        train_timeout_s=args.train_timeout)
+    out = module.compile_pipeline(Path(args.output) if args.output else root / "pipelines" / "training_pipeline.yaml",
+                                  image=args.image or module.DEFAULT_IMAGE, cluster=cluster)
     print(f"compiled {out}")
     return 0
+
+
+def _connection(module, args: argparse.Namespace):
+    token = args.token
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as e:
+            raise module.KfpError(f"cannot read --token-file: {e}") from e
+    return module.Connection(host=args.host, namespace=args.namespace, token=token,
+                             token_path=os.environ.get(module.SA_TOKEN_ENV))
+
+
+def _target(module, args: argparse.Namespace, root: Path):
+    if args.pipeline:
+        return module.Target(pipeline=args.pipeline, version=args.version)
+    return module.Target(package=Path(args.package) if args.package else root / "pipelines" / "training_pipeline.yaml")
+
+
+_CACHING = {"compiled": None, "on": True, "off": False}
+
+
+def _kfp_call(args: argparse.Namespace) -> int:
+    """Run a KFP command; API and input errors end it with one line and exit code 1."""
+    module, root = _pipelines_module("kfp_client")
+    try:
+        print(args.kfp(module, _connection(module, args), args, root))
+    except module.KfpError as e:
+        print(f"kiln {args.command}: {e}", file=sys.stderr)
+        return 1
+    except module.API_ERRORS as e:
+        print(f"kiln {args.command}: {module.api_error(e)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _upload(module, conn, args, root: Path) -> str:
+    from kiln.deploy import git_commit
+
+    version = args.version or git_commit(root)[:12]
+    if version == "unknown":
+        raise module.KfpError("no git commit to name the version by: pass --version")
+    package = Path(args.package) if args.package else root / "pipelines" / "training_pipeline.yaml"
+    pipeline_id, version_id = module.upload(conn, package, args.name, version, args.description)
+    return f"uploaded {package.name} as version {version!r} of pipeline {args.name!r} ({pipeline_id}/{version_id})"
+
+
+def _submit(module, conn, args, root: Path) -> str:
+    run_id = module.submit(conn, _target(module, args, root), args.param, args.experiment,
+                           args.run_name or "kiln-training", caching=_CACHING[args.cache])
+    return f"run {run_id} started in experiment {args.experiment!r}"
+
+
+def _schedule_create(module, conn, args, root: Path) -> str:
+    rid = module.schedule(conn, _target(module, args, root), args.param, args.experiment, args.name, args.cron,
+                          caching=_CACHING[args.cache])
+    return f"recurring run {rid} ({args.name!r}, cron {args.cron!r}, one at a time, no catch-up) created"
+
+
+def _schedule_list(module, conn, args, root: Path) -> str:
+    rows = module.list_schedules(conn)
+    return "\n".join(f"{r['id']}  {r['mode']:<8} {r['cron']:<16} {r['name']}" for r in rows) or "no recurring runs"
+
+
+def _schedule_change(module, conn, args, root: Path) -> str:
+    module.change_schedule(conn, args.id, args.action)
+    return f"recurring run {args.id} " + {"pause": "paused", "resume": "resumed", "delete": "deleted"}[args.action]
+
+
+def _kfp_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default=os.environ.get("KFP_HOST"), help="KFP API endpoint (env KFP_HOST)")
+    p.add_argument("--namespace", default=os.environ.get("KFP_NAMESPACE", "kubeflow"),
+                   help="Kubeflow profile namespace (env KFP_NAMESPACE; default kubeflow)")
+    auth = p.add_mutually_exclusive_group()
+    auth.add_argument("--token", default=os.environ.get("KFP_TOKEN"),
+                      help="bearer token (env KFP_TOKEN); in a pod the service-account token of "
+                      "KF_PIPELINES_SA_TOKEN_PATH is used when none is given")
+    auth.add_argument("--token-file", help="file holding the bearer token")
+
+
+def _run_options(p: argparse.ArgumentParser) -> None:
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--package", help="compiled pipeline to send (default: pipelines/training_pipeline.yaml)")
+    what.add_argument("--pipeline", help="run an uploaded pipeline by name instead")
+    p.add_argument("--version", help="with --pipeline: its version name (default: the newest)")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="pipeline parameter, checked against the spec that is sent (repeatable)")
+    p.add_argument("--experiment", default="kiln")
+    p.add_argument("--cache", choices=sorted(_CACHING), default="compiled",
+                   help="compiled (default): keep the per-task settings (resolve, drift, evaluate, deploy "
+                   "uncached); on/off: force every task (on would stop retraining on new data)")
+
+
+def _add_kfp_commands(sub) -> None:
+    up = sub.add_parser("upload", help="register the compiled pipeline (or a new version of it) in Kubeflow")
+    _kfp_options(up)
+    up.add_argument("--package", help="default: pipelines/training_pipeline.yaml")
+    up.add_argument("--name", default="kiln-training", help="pipeline name in the KFP UI")
+    up.add_argument("--version", help="version name (default: the git commit, 12 hex)")
+    up.add_argument("--description", default="")
+    up.set_defaults(func=_kfp_call, kfp=_upload)
+
+    submit = sub.add_parser("submit", help="start a pipeline run on Kubeflow")
+    _kfp_options(submit)
+    _run_options(submit)
+    submit.add_argument("--run-name")
+    submit.set_defaults(func=_kfp_call, kfp=_submit)
+
+    sched = sub.add_parser("schedule", help="recurring runs (retraining)").add_subparsers(dest="schedule_command",
+                                                                                         required=True)
+    create = sched.add_parser("create", help="create a recurring run: one at a time, no catch-up")
+    _kfp_options(create)
+    _run_options(create)
+    create.add_argument("--name", default="kiln-retrain")
+    create.add_argument("--cron", required=True, help="6-field cron, seconds first: '0 0 3 * * *' = 03:00 daily")
+    create.set_defaults(func=_kfp_call, kfp=_schedule_create)
+    listing = sched.add_parser("list", help="list recurring runs")
+    _kfp_options(listing)
+    listing.set_defaults(func=_kfp_call, kfp=_schedule_list)
+    for action, text in (("pause", "stop scheduling runs"), ("resume", "schedule runs again"),
+                         ("delete", "delete the recurring run")):
+        cmd = sched.add_parser(action, help=text)
+        _kfp_options(cmd)
+        cmd.add_argument("id", help="recurring run id (see `kiln schedule list`)")
+        cmd.set_defaults(func=_kfp_call, kfp=_schedule_change, action=action)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -95,9 +241,22 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the training pipeline locally through kfp.local", add_help=False)
     run.set_defaults(func=_cmd_run)
 
-    comp = sub.add_parser("compile", help="compile the pipeline to YAML")
+    comp = sub.add_parser("compile", help="compile the cluster pipeline to YAML")
     comp.add_argument("--output", help="default: pipelines/training_pipeline.yaml")
+    comp.add_argument("--image", help="kiln image, tagged with the kiln commit (the tag is the code version "
+                      "in every step's cache key)")
+    comp.add_argument("--model-store-pvc", default="kiln-model-store", help="PVC of the model store")
+    comp.add_argument("--gpus", type=int, default=0, help="default GPUs of train (a run parameter); > 0 puts "
+                      "train on GPU nodes (toleration, node selector, memory-backed /dev/shm)")
+    comp.add_argument("--gpu-type", default="nvidia.com/gpu", help="accelerator resource of train")
+    comp.add_argument("--dvc-secret", help="Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY of the DVC remote")
+    comp.add_argument("--git-secret", help="basic-auth Secret (username, password) for a private https data_repo")
+    comp.add_argument("--resources", action="append", default=[], metavar="STEP=CPU_REQ,CPU_LIM,MEM_REQ,MEM_LIM",
+                      help="override a step's requests/limits, e.g. train=8,16,16Gi,32Gi (repeatable)")
+    comp.add_argument("--retries", type=int, default=3, help="retries (exponential backoff) of resolve/ingest/deploy")
+    comp.add_argument("--train-timeout", type=int, default=6 * 3600, help="seconds before train is stopped")
     comp.set_defaults(func=_cmd_compile)
+    _add_kfp_commands(sub)
 
     serve = sub.add_parser("serve", help="serve the production model (KServe V2 REST)", add_help=False)
     serve.set_defaults(func=_cmd_serve)

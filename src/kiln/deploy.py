@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import tempfile
@@ -10,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from kiln import __version__
-from kiln.store import ModelStore, ModelVersion
+from kiln.store import ModelStore, ModelVersion, sha256_file
+
+log = logging.getLogger(__name__)
 
 
 def git_commit(cwd: str | Path | None = None) -> str:
@@ -76,32 +79,73 @@ def shipped_variants(variants_dir: str | Path) -> dict[str, tuple[Path, dict[str
     return out
 
 
-def deploy(onnx_path: str | Path, store_root: str | Path, model_name: str, lineage: dict[str, Any],
-           reference_clean_path: str | Path | None = None, variants_dir: str | Path | None = None) -> ModelVersion:
-    """Store ``onnx_path`` as the next version of ``model_name`` and make it production.
+def identical_version(store: ModelStore, model_name: str, source_sha256: str) -> ModelVersion | None:
+    """The stored version of ``model_name`` made from a file with ``source_sha256``
+    (the exported model before metrics were stamped in), production first, else the newest."""
+    production = store.alias(model_name)
+    names = sorted(store.versions(model_name), key=lambda v: (v != production, -int(v)))
+    for name in names:
+        version = store.get(model_name, name)
+        if source_sha256 in (version.meta.get("source_sha256"), version.meta.get("sha256")):
+            return version
+    return None
 
-    ``lineage`` (data version, parameters, metrics...) is written into ``model.json``
-    together with the kiln version and the git commit; ``lineage["metrics"]``, when
-    given, is also stamped into the stored ONNX file's metadata (:func:`stamp_metrics`). With ``reference_clean_path``, the
-    statistics of that clean table are stored beside the model (``stats.parquet``), so
-    the next run can measure drift against the data this model learned from. With
-    ``variants_dir`` (the export step's variants), the shipped variants are stored with
-    the version (:meth:`ModelStore.add_version`). The
-    version is complete on disk before the alias moves, and the alias moves atomically.
+
+def deploy_once(onnx_path: str | Path, store_root: str | Path, model_name: str, lineage: dict[str, Any],
+                reference_clean_path: str | Path | None = None,
+                variants_dir: str | Path | None = None) -> tuple[ModelVersion, bool]:
+    """:func:`deploy`, idempotent: (the production version, whether it was added now).
+
+    When the store already holds a version made from the same file (sha256), that
+    version becomes (or stays) production and nothing is added: an unchanged model
+    blessed again, or a deploy retried after it stored the version but before the alias
+    moved, never duplicates a version.
     """
     if not Path(onnx_path).is_file():
         raise FileNotFoundError(f"no ONNX model at {onnx_path}")
     store = ModelStore(store_root)
-    meta = {"kiln_version": __version__, "git_commit": git_commit(), **onnx_lineage(onnx_path), **lineage}
+    variants = shipped_variants(variants_dir) if variants_dir is not None else None  # bad input fails either way
+    source_sha256 = sha256_file(onnx_path)
+    existing = identical_version(store, model_name, source_sha256)
+    if existing is not None:
+        was_production = store.alias(model_name) == existing.version
+        if reference_clean_path is not None and not (existing.path / "stats.parquet").is_file():
+            from kiln.drift import save_reference_statistics
+
+            save_reference_statistics(reference_clean_path, existing.path)
+        store.set_alias(model_name, existing.version)
+        log.warning("%s version %s is the same model (sha256 %s): %s; no version added", model_name,
+                    existing.version, source_sha256[:12],
+                    "it stays production" if was_production else "production moved back to it")
+        return existing, False
+    meta = {"kiln_version": __version__, "git_commit": git_commit(), **onnx_lineage(onnx_path), **lineage,
+            "source_sha256": source_sha256}
     with tempfile.TemporaryDirectory(prefix="kiln-deploy-") as tmp:
         source = Path(onnx_path)
         if lineage.get("metrics"):
             source = stamp_metrics(onnx_path, Path(tmp) / "model.onnx", lineage["metrics"])
-        variants = shipped_variants(variants_dir) if variants_dir is not None else None
         version = store.add_version(model_name, source, meta, variants=variants)
     if reference_clean_path is not None:
         from kiln.drift import save_reference_statistics
 
         save_reference_statistics(reference_clean_path, version.path)
     store.set_alias(model_name, version.version)
-    return version
+    return version, True
+
+
+def deploy(onnx_path: str | Path, store_root: str | Path, model_name: str, lineage: dict[str, Any],
+           reference_clean_path: str | Path | None = None, variants_dir: str | Path | None = None) -> ModelVersion:
+    """Store ``onnx_path`` as the next version of ``model_name`` and make it production.
+
+    ``lineage`` (data version, parameters, metrics...) is written into ``model.json``
+    together with the kiln version, the git commit and ``source_sha256`` (the file's
+    sha256 before stamping); ``lineage["metrics"]``, when given, is also stamped into the
+    stored ONNX file's metadata (:func:`stamp_metrics`). With ``reference_clean_path``, the
+    statistics of that clean table are stored beside the model (``stats.parquet``), so
+    the next run can measure drift against the data this model learned from. With
+    ``variants_dir`` (the export step's variants), the shipped variants are stored with
+    the version (:meth:`ModelStore.add_version`). The version is complete on disk before
+    the alias moves, and the alias moves atomically. A model already in the store is not
+    added again (:func:`deploy_once`).
+    """
+    return deploy_once(onnx_path, store_root, model_name, lineage, reference_clean_path, variants_dir)[0]

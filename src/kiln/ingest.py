@@ -1,20 +1,30 @@
-"""Ingest: read ``data/`` from a DVC repository at a revision into a raw table.
+"""Ingest: resolve a data revision, then read ``data/`` from a DVC repository into a raw table.
 
 ``data_repo`` is anything DVC accepts (a local path or a git URL); ``data_rev`` a git
-revision (tag, branch, commit) or empty for the repository's workspace. Files come
-through ``dvc.api.DVCFileSystem``, so they are read from the DVC cache or pulled from
-the default remote when the cache lacks them.
+revision (tag, branch, commit) or empty: for a local checkout the workspace, for a URL
+the default branch. Files come through ``dvc.api.DVCFileSystem``, so they are read from
+the DVC cache or pulled from the default remote when the cache lacks them.
+
+:func:`resolve` pins a revision to (commit, data version) without reading any data; it
+is cheap, so the pipeline runs it on every run (uncached) and hands its result to the
+cached :func:`ingest`: new data means new ingest inputs, hence a cache miss.
+
+A private ``data_repo`` over https takes its credentials from ``KILN_GIT_USERNAME`` and
+``KILN_GIT_PASSWORD`` (a Kubernetes basic-auth Secret on a cluster).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import logging
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import pandas as pd
 
@@ -36,6 +46,96 @@ class IngestResult:
     n_rows: int
     n_manifest: int
     n_files: int
+
+
+@dataclass(frozen=True)
+class ResolvedData:
+    """A data revision pinned: the git commit ("" = a local workspace) and the data version."""
+
+    commit: str
+    data_version: str
+
+
+USERNAME_ENV, PASSWORD_ENV = "KILN_GIT_USERNAME", "KILN_GIT_PASSWORD"
+
+
+def with_credentials(data_repo: str) -> str:
+    """``data_repo`` with the credentials of USERNAME_ENV/PASSWORD_ENV put into an
+    https URL; anything else (no credentials, a path, ssh, a URL that has some) unchanged."""
+    password = os.environ.get(PASSWORD_ENV)
+    parts = urlsplit(data_repo)
+    if not password or parts.scheme not in ("https", "http") or "@" in parts.netloc:
+        return data_repo
+    user = quote(os.environ.get(USERNAME_ENV) or "git", safe="")
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{parts.netloc}"))
+
+
+def _redact(text: str) -> str:
+    """``text`` without the git password, so errors and logs never carry it."""
+    password = os.environ.get(PASSWORD_ENV)
+    for secret in {password, quote(password or "", safe="")} - {None, ""}:
+        text = text.replace(secret, "***")
+    return text
+
+
+def _dvc_errors() -> tuple[type[BaseException], ...]:
+    """What DVC raises for a bad repo, revision, or data missing from cache and remote."""
+    from dvc.exceptions import DvcException
+    from dvc_data.index.index import DataIndexDirError
+    from scmrepo.exceptions import SCMError
+
+    return DvcException, SCMError, DataIndexDirError, OSError
+
+
+def _open(data_repo: str, data_rev: str, data_path: str):
+    """(DVCFileSystem at the revision, the DVC md5 of ``data_path`` without ``.dir``)."""
+    from dvc.api import DVCFileSystem
+
+    try:
+        fs = DVCFileSystem(with_credentials(data_repo), rev=data_rev or None)
+        info = fs.info(data_path)
+    except _dvc_errors() as e:
+        raise IngestError(_redact(f"cannot open {data_path!r} in {data_repo!r} at rev "
+                                  f"{data_rev or '<default>'}: {e}")) from e
+    md5 = info.get("md5") or (info.get("dvc_info") or {}).get("md5")
+    if not md5:
+        raise IngestError(f"{data_path!r} in {data_repo!r} is not tracked by DVC (no md5); run `dvc add {data_path}`")
+    return fs, md5.removesuffix(".dir")
+
+
+def _is_workspace(data_repo: str, data_rev: str) -> bool:
+    return not data_rev and Path(data_repo).is_dir()
+
+
+def content_fingerprint(root: Path) -> str:
+    """sha256 over every file's relative path and bytes under ``root`` (sorted)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def _workspace_version(data_repo: str, data_path: str, md5: str) -> str:
+    """``md5``, or for uncommitted changes ``md5+dirty.<content hash>``: the files' own
+    hash, so different edits are different versions (and different cache keys)."""
+    if not _workspace_is_dirty(data_repo, data_path):
+        return md5
+    log.warning("workspace %s differs from %s.dvc: recording data version as dirty", data_repo, data_path)
+    return f"{md5}+dirty.{content_fingerprint(Path(data_repo) / data_path)[:12]}"
+
+
+def resolve(data_repo: str, data_rev: str, data_path: str = "data") -> ResolvedData:
+    """Pin ``data_rev`` of ``data_repo``: its commit and the md5 DVC records for
+    ``data_path`` there, read from the ``.dvc`` file (no data is downloaded).
+
+    "" is the workspace of a local checkout (commit "") and the default branch of a
+    URL; a branch or tag resolves to the commit it points at now.
+    """
+    fs, md5 = _open(data_repo, data_rev, data_path)
+    if _is_workspace(data_repo, data_rev):
+        return ResolvedData("", _workspace_version(data_repo, data_path, md5))
+    return ResolvedData(fs.repo.get_rev(), md5)
 
 
 def _read_manifest(text: str) -> list[tuple[str, str | None]]:
@@ -117,41 +217,27 @@ def _root_cause(error: BaseException) -> str:
     return f"{type(seen[-1]).__name__}: {lines[0]}" if lines else type(seen[-1]).__name__
 
 
-def ingest(data_repo: str, data_rev: str, out_path: str | Path, data_path: str = "data") -> IngestResult:
+def ingest(data_repo: str, data_rev: str, out_path: str | Path, data_path: str = "data",
+           expected_version: str | None = None) -> IngestResult:
     """Read ``data_path`` of ``data_repo`` at ``data_rev`` into a raw table at ``out_path``.
 
     The data version is the md5 DVC records for ``data_path`` at that revision; for a
-    workspace read whose files differ from the ``.dvc`` file it gets a ``+dirty`` suffix
-    so a model is never attributed to data it was not trained on.
+    workspace read whose files differ from the ``.dvc`` file it is marked dirty (see
+    :func:`resolve`) so a model is never attributed to data it was not trained on. With
+    ``expected_version`` (what :func:`resolve` saw), other data fails the step instead
+    of being recorded under the wrong version.
     """
-    from dvc.api import DVCFileSystem
-    from dvc.exceptions import DvcException
-    from dvc_data.index.index import DataIndexDirError
-    from scmrepo.exceptions import SCMError
-
-    # What DVC raises for a bad repo, revision, or data missing from cache and remote.
-    dvc_errors = (DvcException, SCMError, DataIndexDirError, OSError)
-
-    rev = data_rev or None
-    try:
-        fs = DVCFileSystem(data_repo, rev=rev)
-        info = fs.info(data_path)
-    except dvc_errors as e:
-        raise IngestError(f"cannot open {data_path!r} in {data_repo!r} at rev {data_rev or '<workspace>'}: {e}") from e
-    md5 = info.get("md5") or (info.get("dvc_info") or {}).get("md5")
-    if not md5:
-        raise IngestError(f"{data_path!r} in {data_repo!r} is not tracked by DVC (no md5); run `dvc add {data_path}`")
-    data_version = md5.removesuffix(".dir")
-    if rev is None and Path(data_repo).is_dir() and _workspace_is_dirty(data_repo, data_path):
-        log.warning("workspace %s differs from %s.dvc: recording data version as dirty", data_repo, data_path)
-        data_version += "+dirty"
-
+    fs, md5 = _open(data_repo, data_rev, data_path)
+    data_version = _workspace_version(data_repo, data_path, md5) if _is_workspace(data_repo, data_rev) else md5
+    if expected_version is not None and data_version != expected_version:
+        raise IngestError(f"{data_path!r} in {data_repo!r} at {data_rev or '<workspace>'} is version {data_version}, "
+                          f"but {expected_version} was resolved: the data changed during the run; start it again")
     with tempfile.TemporaryDirectory(prefix="kiln-ingest-") as tmp:
         try:
             fs.get(data_path, tmp, recursive=True)
-        except dvc_errors as e:
-            raise IngestError(f"cannot fetch {data_path!r} from {data_repo!r} at {data_rev or '<workspace>'}"
-                              f"{_remote_of(fs)}: {_root_cause(e)}") from e
+        except _dvc_errors() as e:
+            raise IngestError(_redact(f"cannot fetch {data_path!r} from {data_repo!r} at {data_rev or '<default>'}"
+                                      f"{_remote_of(fs)}: {_root_cause(e)}")) from e
         root = Path(tmp) / Path(data_path).name
         df = raw_table_from_dir(root if root.is_dir() else Path(tmp))
     write_table(df, out_path)

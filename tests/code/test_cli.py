@@ -27,3 +27,26 @@ def test_pass_through_commands_get_their_options(command: str, capsys: pytest.Ca
 def test_outside_a_checkout_pipeline_commands_say_why(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="no kiln repository"):
         find_repo_root(tmp_path)
+
+
+def test_compile_takes_the_cluster_options(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import yaml
+
+    out = tmp_path / "p.yaml"
+    assert main(["compile", "--output", str(out), "--image", "registry.example/kiln:abc123", "--gpus", "1",
+                 "--git-secret", "kiln-git", "--resources", "train=8,16,16Gi,32Gi", "--train-timeout", "600",
+                 "--retries", "5"]) == 0
+    assert f"compiled {out}" in capsys.readouterr().out
+    spec, platform = yaml.safe_load_all(out.read_text())
+    train = spec["deploymentSpec"]["executors"]["exec-train"]["container"]
+    assert train["image"] == "registry.example/kiln:abc123"
+    assert (train["resources"]["resourceCpuLimit"], train["resources"]["resourceMemoryLimit"]) == ("16", "32Gi")
+    assert spec["root"]["dag"]["tasks"]["ingest"]["retryPolicy"]["maxRetryCount"] == 5
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert k8s["exec-train"]["activeDeadlineSeconds"] == "600"
+    assert k8s["exec-resolve"]["secretAsEnv"][0]["secretName"] == "kiln-git"
+
+
+def test_compile_refuses_a_malformed_resources_option(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="--resources wants STEP=CPU_REQ,CPU_LIM,MEM_REQ,MEM_LIM"):
+        main(["compile", "--output", str(tmp_path / "p.yaml"), "--resources", "trian=1,2,1Gi,2Gi"])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from helpers import tiny_onnx
-from kiln.deploy import deploy, git_commit
+from kiln.deploy import deploy, git_commit, stamp_metrics
 from kiln.store import ModelStore, StoreError, sha256_file
 
 
@@ -22,14 +22,15 @@ def test_deploy_adds_versions_and_moves_production(tmp_path: Path, onnx_file: Pa
     store = ModelStore(tmp_path / "store")
     assert store.production("mnist") is None
     v1 = deploy(onnx_file, store.root, "mnist", {"data_version": "abc", "metrics": {"accuracy": 0.97}})
-    v2 = deploy(onnx_file, store.root, "mnist", {"data_version": "def"})  # no metrics: the file is copied as is
+    other = stamp_metrics(onnx_file, tmp_path / "other.onnx", {"retrained": 1})  # another model file
+    v2 = deploy(other, store.root, "mnist", {"data_version": "def"})  # no metrics: the file is copied as is
     assert (v1.version, v2.version) == ("1", "2")
     assert store.versions("mnist") == ["1", "2"]
     assert store.production("mnist").version == "2"
     meta = json.loads((v1.path / "model.json").read_text())
     assert meta["data_version"] == "abc" and meta["metrics"]["accuracy"] == 0.97
     assert meta["sha256"] == sha256_file(v1.onnx_path) and meta["git_commit"] and meta["kiln_version"]
-    assert json.loads((v2.path / "model.json").read_text())["sha256"] == sha256_file(onnx_file)
+    assert json.loads((v2.path / "model.json").read_text())["sha256"] == sha256_file(other)
     assert meta["parameters"] == {"model": "cnn"} and meta["class_labels"] == ["0"]  # from the ONNX metadata
 
 

@@ -10,7 +10,7 @@ import yaml
 
 from helpers import REPO_ROOT, commit_data, dvc, init_dvc_repo, mnist_subset, sh
 from kiln.data import bootstrap, write_dataset
-from kiln.ingest import IngestError, ingest
+from kiln.ingest import IngestError, ResolvedData, ingest, resolve, with_credentials
 
 
 def test_bootstrap_matches_committed_data_dvc(tmp_path: Path) -> None:
@@ -66,7 +66,51 @@ def test_ingest_workspace_marks_uncommitted_changes_dirty(versioned_repo: dict, 
     repo = versioned_repo["repo"]
     assert ingest(str(repo), "", tmp_path / "a.parquet").data_version == versioned_repo["v2"]
     (repo / "data" / "images" / "00000.png").write_bytes(b"changed")
-    assert ingest(str(repo), "", tmp_path / "b.parquet").data_version == versioned_repo["v2"] + "+dirty"
+    dirty = ingest(str(repo), "", tmp_path / "b.parquet").data_version
+    assert dirty.startswith(versioned_repo["v2"] + "+dirty.")
+    # another edit is another version (so another cache key), the same edit the same one
+    (repo / "data" / "images" / "00001.png").write_bytes(b"changed too")
+    assert resolve(str(repo), "").data_version not in (dirty, versioned_repo["v2"])
+    (repo / "data" / "images" / "00001.png").unlink()
+    assert resolve(str(repo), "") == resolve(str(repo), "")
+
+
+def test_resolve_pins_branches_tags_and_the_default_branch(versioned_repo: dict, tmp_path: Path) -> None:
+    repo = versioned_repo["repo"]
+    head = sh(repo, "git", "rev-parse", "HEAD").strip()
+    v1_commit = sh(repo, "git", "rev-parse", "v1^{commit}").strip()
+    assert resolve(str(repo), "v1") == ResolvedData(v1_commit, versioned_repo["v1"])  # a tag
+    assert resolve(str(repo), "main") == ResolvedData(head, versioned_repo["v2"])  # a branch, as it is now
+    assert resolve(str(repo), head) == ResolvedData(head, versioned_repo["v2"])  # a commit
+    # a local checkout's "" is its workspace (commit ""); a URL's "" is its default branch
+    assert resolve(str(repo), "") == ResolvedData("", versioned_repo["v2"])
+    assert resolve(f"file://{repo}", "") == ResolvedData(head, versioned_repo["v2"])
+    # resolve reads no data: a clone without the DVC cache resolves without a remote fetch
+    clone = tmp_path / "clone"
+    sh(tmp_path, "git", "clone", "-q", str(repo), str(clone))
+    assert resolve(str(clone), "v1").data_version == versioned_repo["v1"]
+
+
+def test_ingest_refuses_data_other_than_resolved(versioned_repo: dict, tmp_path: Path) -> None:
+    repo = str(versioned_repo["repo"])
+    pinned = resolve(repo, "v1")
+    assert ingest(repo, pinned.commit, tmp_path / "a.parquet", expected_version=pinned.data_version).n_rows == 20
+    with pytest.raises(IngestError, match="the data changed during the run"):
+        ingest(repo, "v2", tmp_path / "b.parquet", expected_version=pinned.data_version)
+
+
+def test_git_credentials_go_into_https_urls_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("KILN_GIT_PASSWORD", raising=False)
+    assert with_credentials("https://git.example/team/data.git") == "https://git.example/team/data.git"
+    monkeypatch.setenv("KILN_GIT_USERNAME", "bot")
+    monkeypatch.setenv("KILN_GIT_PASSWORD", "s3cr/t")
+    assert with_credentials("https://git.example/team/data.git") == "https://bot:s3cr%2Ft@git.example/team/data.git"
+    for unchanged in ("git@git.example:team/data.git", "/srv/data", "https://me:pw@git.example/d.git"):
+        assert with_credentials(unchanged) == unchanged
+    # a failed clone names the repository but never the password
+    with pytest.raises(IngestError) as error:
+        resolve(f"https://127.0.0.1:9/{tmp_path.name}.git", "main")
+    assert "127.0.0.1:9" in str(error.value) and "s3cr" not in str(error.value)
 
 
 def test_ingest_errors_are_clear(versioned_repo: dict, tmp_path: Path) -> None:

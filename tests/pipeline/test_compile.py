@@ -24,7 +24,7 @@ def test_committed_yaml_is_not_stale(tmp_path: Path) -> None:
 def test_deploy_runs_only_when_blessed(tmp_path: Path) -> None:
     spec = next(yaml.safe_load_all(compile_to(tmp_path)))
     root_tasks = spec["root"]["dag"]["tasks"]
-    assert set(root_tasks) >= {"ingest", "clean", "validate", "drift", "split", "train", "export", "evaluate"}
+    assert set(root_tasks) >= {"resolve", "ingest", "clean", "validate", "drift", "split", "train", "export", "evaluate"}
     assert "deploy" not in root_tasks
     condition = next(t for t in root_tasks.values() if "triggerPolicy" in t)
     assert condition["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--evaluate-Output'] == true"
@@ -37,7 +37,7 @@ def test_deploy_runs_only_when_blessed(tmp_path: Path) -> None:
 def test_image_comes_from_the_builder_and_kfp_is_not_reinstalled(tmp_path: Path) -> None:
     spec = next(yaml.safe_load_all(compile_to(tmp_path, image="registry.example/kiln:test")))
     executors = spec["deploymentSpec"]["executors"]
-    assert len(executors) == 9
+    assert len(executors) == 10
     for executor in executors.values():
         container = executor["container"]
         assert container["image"] == "registry.example/kiln:test"
@@ -50,34 +50,98 @@ def test_cluster_flavour_mounts_the_model_store_where_it_is_used(tmp_path: Path)
     spec, platform = docs[0], docs[1]
     assert spec["root"]["inputDefinitions"]["parameters"]["model_store"]["defaultValue"] == "/mnt/models"
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert sorted(executors) == ["exec-deploy", "exec-drift", "exec-evaluate"]  # the steps that touch the store
-    assert all(e["pvcMount"][0]["mountPath"] == "/mnt/models" for e in executors.values())
+    mounted = sorted(name for name, e in executors.items() if "pvcMount" in e)
+    assert mounted == ["exec-deploy", "exec-drift", "exec-evaluate"]  # the steps that touch the store
+    assert all(executors[e]["pvcMount"][0]["mountPath"] == "/mnt/models" for e in mounted)
 
 
-def test_submit_params_are_typed_and_checked() -> None:
+def test_cli_params_are_typed_and_checked() -> None:
     import pytest
 
-    from pipelines.submit import parse_params
+    from pipelines.kfp_client import KfpError, parse_params, read_spec
 
+    spec, _ = read_spec(REPO_ROOT / "pipelines" / "training_pipeline.yaml")
     params = parse_params(["data_repo=https://git.example/kiln.git", "epochs=3", "min_accuracy=0.9",
-                           "resize_wrong_size=true"])
+                           "resize_wrong_size=true"], spec)
     assert params == {"data_repo": "https://git.example/kiln.git", "epochs": 3, "min_accuracy": 0.9,
                       "resize_wrong_size": True}
-    with pytest.raises(ValueError, match="no parameter 'epoch'"):
-        parse_params(["data_repo=x", "epoch=3"])
-    with pytest.raises(ValueError, match="not a valid NUMBER_INTEGER"):
-        parse_params(["data_repo=x", "epochs=three"])
-    with pytest.raises(ValueError, match="required parameters missing: \\['data_repo'\\]"):
-        parse_params([])
+    with pytest.raises(KfpError, match="no parameter 'epoch'"):
+        parse_params(["data_repo=x", "epoch=3"], spec)
+    with pytest.raises(KfpError, match="not a valid NUMBER_INTEGER"):
+        parse_params(["data_repo=x", "epochs=three"], spec)
+    with pytest.raises(KfpError, match="required parameters missing: \\['data_repo'\\]"):
+        parse_params([], spec)
 
 
-def test_cluster_options_request_gpus_and_dvc_credentials(tmp_path: Path) -> None:
-    from pipelines.training_pipeline import compile_pipeline
+def test_every_parameter_is_described_for_the_ui(tmp_path: Path) -> None:
+    spec = next(yaml.safe_load_all(compile_to(tmp_path)))
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert len(params) == 14
+    undescribed = [name for name, p in params.items() if not p.get("description")]
+    assert undescribed == []
+    assert "default branch" in params["data_rev"]["description"]
 
-    text = compile_pipeline(tmp_path / "p.yaml", train_gpus=2, dvc_secret="kiln-dvc-s3").read_text()
+
+def test_resolve_and_store_readers_are_never_cached(tmp_path: Path) -> None:
+    spec = next(yaml.safe_load_all(compile_to(tmp_path)))
+    tasks = dict(spec["root"]["dag"]["tasks"])
+    tasks.update(next(spec["components"][t["componentRef"]["name"]]["dag"]["tasks"]
+                      for t in tasks.values() if "triggerPolicy" in t))
+    cached = {name for name, t in tasks.items() if t.get("cachingOptions", {}).get("enableCache")}
+    assert cached == {"ingest", "clean", "validate", "split", "train", "export"}
+    # ingest's cache key holds what resolve pinned, not the moving data_rev
+    ingest = tasks["ingest"]["inputs"]["parameters"]
+    assert ingest["data_commit"]["taskOutputParameter"] == {"outputParameterKey": "data_commit", "producerTask": "resolve"}
+    assert ingest["data_version"]["taskOutputParameter"]["producerTask"] == "resolve"
+    assert "data_rev" not in ingest
+
+
+def test_cluster_options_per_task(tmp_path: Path) -> None:
+    from pipelines.training_pipeline import DEFAULT_RESOURCES, ClusterOptions, compile_pipeline
+
+    text = compile_pipeline(tmp_path / "p.yaml", cluster=ClusterOptions(gpus=2, dvc_secret="kiln-dvc-s3",
+                                                                         git_secret="kiln-git")).read_text()
     spec, platform = yaml.safe_load_all(text)
-    train = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
-    assert train["accelerator"]["resourceCount"] == "2" and train["accelerator"]["resourceType"] == "nvidia.com/gpu"
-    ingest = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-ingest"]
-    assert ingest["secretAsEnv"][0]["secretName"] == "kiln-dvc-s3"
-    assert {e["envVar"] for e in ingest["secretAsEnv"][0]["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    tasks = dict(spec["root"]["dag"]["tasks"])
+    tasks.update(next(spec["components"][t["componentRef"]["name"]]["dag"]["tasks"]
+                      for t in tasks.values() if "triggerPolicy" in t))
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name, task in tasks.items():
+        if "componentRef" not in task or name not in DEFAULT_RESOURCES:
+            continue
+        resources = spec["deploymentSpec"]["executors"][f"exec-{name}"]["container"]["resources"]
+        want = DEFAULT_RESOURCES[name]
+        assert (resources["resourceCpuRequest"], resources["resourceCpuLimit"], resources["resourceMemoryRequest"],
+                resources["resourceMemoryLimit"]) == (want.cpu_request, want.cpu_limit, want.memory_request,
+                                                      want.memory_limit), name
+        retry = task.get("retryPolicy")
+        if name in ("resolve", "ingest", "deploy"):
+            assert retry == {"maxRetryCount": 3, "backoffDuration": "30s", "backoffFactor": 2.0,
+                             "backoffMaxDuration": "600s"}, name
+        else:
+            assert retry is None, name
+    assert set(tasks) - {"condition-1"} == set(DEFAULT_RESOURCES)
+
+    train = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]["accelerator"]
+    assert train["resourceType"] == "nvidia.com/gpu"
+    assert train["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--train_gpus']}}"  # a run parameter
+    assert spec["root"]["inputDefinitions"]["parameters"]["train_gpus"]["defaultValue"] == 2
+    assert tasks["train"]["inputs"]["parameters"]["num_gpus"] == {"componentInputParameter": "train_gpus"}
+    assert k8s["exec-train"]["activeDeadlineSeconds"] == str(6 * 3600)
+    assert k8s["exec-train"]["nodeSelector"] == {"labels": {"nvidia.com/gpu.present": "true"}}
+    assert k8s["exec-train"]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert k8s["exec-train"]["emptyDirMounts"] == [{"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory",
+                                                    "sizeLimit": "2Gi"}]
+    for name in ("resolve", "ingest"):  # the steps that read the data repository get both secrets
+        secrets = {s["secretName"]: {e["envVar"]: e["secretKey"] for e in s["keyToEnv"]} for s in k8s[f"exec-{name}"]["secretAsEnv"]}
+        assert secrets == {"kiln-dvc-s3": {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+                                           "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"},
+                           "kiln-git": {"KILN_GIT_USERNAME": "username", "KILN_GIT_PASSWORD": "password"}}
+    assert all("secretAsEnv" not in k8s.get(f"exec-{n}", {}) for n in ("clean", "train", "deploy"))
+
+
+def test_without_gpus_train_asks_for_none(tmp_path: Path) -> None:
+    spec, platform = yaml.safe_load_all(compile_to(tmp_path))
+    assert "accelerator" not in spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
+    train = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"]
+    assert set(train) == {"activeDeadlineSeconds"}  # the timeout only: no toleration, selector or /dev/shm
