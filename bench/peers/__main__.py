@@ -20,31 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from . import PEERS, BatchStats, Peer, PeerError, free_port, infer, stop, v2_body, wait_ready
+from . import PEERS, BatchStats, Peer, PeerError, check_answers, free_port, stop, v2_body, wait_ready
 from . import ort_session
 
 DEFAULT_SETTINGS = {"intra_op_num_threads": 1, "inter_op_num_threads": 1, "allow_spinning": False,
                     "graph_optimization_level": "all", "execution_mode": "sequential",
                     "providers": ["CPUExecutionProvider"]}
-
-
-def check_answers(peer: Peer, base_url: str, model: Path, settings: str, rows: int = 5) -> None:
-    """The peer's outputs for a batch equal in-process ONNX Runtime's (same model, same settings)."""
-    pixels = np.random.default_rng(7).integers(0, 256, size=(rows, 28, 28), dtype=np.uint8)
-    session = ort_session.create_session(model, ort_session.OrtSettings.from_json(settings))
-    want_probs, want_label = ort_session.predict(session, pixels)
-    outputs = infer(base_url, peer.infer_path, pixels)
-    probs = np.asarray(outputs["probabilities"]["data"], dtype=np.float32)
-    label = np.asarray(outputs["label"]["data"], dtype=np.int64)
-    if outputs["probabilities"]["shape"] != [rows, 10] or outputs["probabilities"]["datatype"] != "FP32":
-        raise PeerError(f"{peer.name}: probabilities {outputs['probabilities']['datatype']} "
-                        f"{outputs['probabilities']['shape']}, expected FP32 [{rows}, 10]")
-    if outputs["label"]["datatype"] != "INT64" or outputs["label"]["shape"][0] != rows:
-        raise PeerError(f"{peer.name}: label {outputs['label']['datatype']} {outputs['label']['shape']}")
-    # JSON carries float32 as decimal text: equal to ORT's values up to float32 rounding
-    if not np.allclose(probs.reshape(rows, 10), want_probs, rtol=1e-6, atol=1e-7) or \
-            not np.array_equal(label.reshape(-1), want_label):
-        raise PeerError(f"{peer.name}: answers differ from in-process ONNX Runtime")
 
 
 def wrk_smoke(url: str, body: bytes, seconds: int, workdir: Path) -> float:
