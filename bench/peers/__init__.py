@@ -124,7 +124,8 @@ class Peer:
         venv = Path(venv)
         python = self.python(venv)
         if not python.exists():
-            print(f"creating the {self.name} environment {venv} ({' '.join(self.pins)})...", file=sys.stderr, flush=True)
+            print(f"creating the {self.name} environment {venv} ({' '.join(self.pins)})...",
+                  file=sys.stderr, flush=True)
             interpreter = shutil.which("python3.11") or sys.executable
             subprocess.run([interpreter, "-m", "venv", str(venv)], check=True)
             subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--upgrade", "pip"], check=True)
@@ -202,7 +203,8 @@ class TritonPeer(Peer):
         # The Python backend stub must load this interpreter's libpython, not the system's.
         libdir = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
                                 capture_output=True, text=True, check=True).stdout.strip()
-        env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(filter(None, [libdir, os.environ.get("LD_LIBRARY_PATH")]))}
+        search = os.pathsep.join(filter(None, [libdir, os.environ.get("LD_LIBRARY_PATH")]))
+        env = {**os.environ, "LD_LIBRARY_PATH": search}
         argv = [str(python), str(PEERS_DIR / "triton_peer.py"), "--model", str(Path(model).resolve()),
                 "--port", str(port), "--ort-settings", settings_json(ort_settings)]
         return argv, env

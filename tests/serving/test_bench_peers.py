@@ -99,7 +99,7 @@ def test_session_runs_the_contract_and_refuses_what_it_cannot_honour(tmp_path, m
     with pytest.raises(ValueError, match=r"pixels must be UINT8 \[N, 28, 28\], got float32 \[4, 28, 28\]"):
         ort_session.predict(session, pixels.astype(np.float32))
     with pytest.raises(SettingsError, match="not in this onnxruntime"):
-        ort_session.create_session(model, OrtSettings.from_mapping({**KILN_LIKE, "providers": ["NoSuchExecutionProvider"]}))
+        ort_session.create_session(model, OrtSettings.from_mapping({**KILN_LIKE, "providers": ["NoSuchProvider"]}))
 
 
 def _imports_and_names(path: Path) -> tuple[set[str], set[str]]:
@@ -136,7 +136,8 @@ def test_mlserver_launcher_writes_batching_and_kiln_settings(tmp_path):
     assert model_settings["implementation"] == "mlserver_runtime.OnnxRuntimeModel"
     assert (model_settings["max_batch_size"], model_settings["max_batch_time"]) == (64, 0.0005)
     assert model_settings["parameters"]["uri"] == str(model.resolve())
-    assert OrtSettings.from_mapping(model_settings["parameters"]["extra"]["ort_settings"]) == OrtSettings.from_mapping(KILN_LIKE)
+    passed = model_settings["parameters"]["extra"]["ort_settings"]
+    assert OrtSettings.from_mapping(passed) == OrtSettings.from_mapping(KILN_LIKE)
     with pytest.raises(SettingsError, match="missing keys"):
         PEERS["mlserver"].command(tmp_path / "venv", model, 18080, "{}", tmp_path / "w2")
 
@@ -144,7 +145,8 @@ def test_mlserver_launcher_writes_batching_and_kiln_settings(tmp_path):
 def test_triton_launcher_passes_kiln_settings_and_the_interpreters_libpython(tmp_path):
     venv = Path(sys.prefix)  # any venv's python answers the LIBDIR question the same way
     argv, env = PEERS["triton"].command(venv, tmp_path / "m.onnx", 18081, dict(KILN_LIKE), tmp_path)
-    libdir = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
+    probe = "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"
+    libdir = subprocess.run([str(venv / "bin" / "python"), "-c", probe],
                             capture_output=True, text=True, check=True).stdout.strip()
     assert argv[1] == str(PEERS_DIR / "triton_peer.py")
     assert argv[argv.index("--port") + 1] == "18081"
