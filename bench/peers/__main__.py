@@ -1,5 +1,8 @@
 """Smoke check of the bench's peer servers: ``python -m bench.peers --model model.onnx``.
 
+``python -m bench.peers --ensure-venvs`` only creates the peers' venvs (where absent) and
+exits: what CI runs before the tests, whose end-to-end peer checks never install.
+
 For each peer: create its venv when absent, start it on a free loopback port with the
 given ONNX Runtime settings, check that its answers equal in-process ONNX Runtime on the
 same model and settings, then run ``wrk -t1 -c16`` for a few seconds and report the
@@ -62,13 +65,20 @@ def smoke(peer: Peer, venv: Path, model: Path, settings: str, seconds: int, work
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, required=True, help="ONNX file following kiln's contract")
+    parser.add_argument("--model", type=Path, help="ONNX file following kiln's contract")
+    parser.add_argument("--ensure-venvs", action="store_true", help="only create the peers' venvs")
     parser.add_argument("--peers", nargs="+", choices=sorted(PEERS), default=sorted(PEERS))
     parser.add_argument("--ort-settings", default=json.dumps(DEFAULT_SETTINGS), help="ORT settings JSON")
     parser.add_argument("--seconds", type=int, default=3)
     for name, peer in PEERS.items():
         parser.add_argument(f"--{name}-venv", type=Path, default=peer.default_venv)
     args = parser.parse_args()
+    if args.ensure_venvs:
+        for name in args.peers:
+            print(json.dumps({"peer": name, "versions": PEERS[name].ensure_venv(getattr(args, f"{name}_venv"))}))
+        return 0
+    if args.model is None:
+        parser.error("--model is required (unless --ensure-venvs)")
     failed = False
     for name in args.peers:
         with tempfile.TemporaryDirectory(prefix=f"kiln-peer-{name}-") as tmp:

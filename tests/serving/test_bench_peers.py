@@ -1,7 +1,7 @@
 """bench/peers: the benchmark's MLServer and Triton peers and the one module that opens their ORT sessions.
 
 The unit tests always run. The end-to-end tests start each peer from its own venv
-(``PEERS[name].default_venv``; created by ``python -m bench.peers`` or bench/serve.py,
+(``PEERS[name].default_venv``; created by ``python -m bench.peers --ensure-venvs`` or the bench,
 never by a test, since that takes minutes). Without the venv they are skipped on a
 developer machine and fail under CI (``CI`` set), where the bench must have created it.
 """
@@ -161,8 +161,7 @@ def _venv_or_skip(name: str) -> Path:
     venv = PEERS[name].default_venv
     if not PEERS[name].python(venv).exists():
         if os.environ.get("CI"):
-            pytest.fail(f"{venv} is missing: run `python -m bench.peers --model <onnx> --peers {name}` "
-                        "(or bench/serve.py) before the tests")
+            pytest.fail(f"{venv} is missing: run `python -m bench.peers --ensure-venvs` before the tests")
         pytest.skip(f"{venv} is absent (python -m bench.peers creates it)")
     return venv
 
