@@ -13,17 +13,18 @@ from types import SimpleNamespace
 from kfp import dsl
 
 from components.clean import clean
-from components.deploy import deploy
+from components.deploy import deploy, withheld
 from components.drift import drift
 from components.evaluate import evaluate
 from components.export import export
 from components.ingest import ingest
+from components.report import report
 from components.resolve import resolve
 from components.split import split
 from components.train import train
 from components.validate import validate
 
-STEPS = (resolve, ingest, clean, validate, drift, split, train, export, evaluate, deploy)
+STEPS = (resolve, ingest, clean, validate, drift, split, train, export, evaluate, deploy, withheld, report)
 
 
 def make_components(image: str) -> SimpleNamespace:

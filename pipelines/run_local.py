@@ -138,6 +138,7 @@ def summarize(run_root: Path) -> dict:
         "variants": path("export", "variants"),
         "evaluation_report": path("evaluate", "report"),
         "verdict": path("evaluate", "verdict"),
+        "report": path("report", "page"),
         "test_metrics": metrics,
         "blessed": evaluate.get("parameterValues", {}).get("Output"),
         "deployed_version": deploy.get("version"),

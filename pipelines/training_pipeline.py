@@ -1,6 +1,7 @@
 """The kiln training pipeline: one factory, for every runner.
 
-resolve -> ingest -> clean -> validate -> split -> train -> export -> evaluate -> [blessed] deploy
+resolve -> ingest -> clean -> validate -> split -> train -> export -> evaluate -> [blessed] deploy -> report
+                                                                           [not blessed] ----^
 
 The environment (container image, data repository, model store) is given by whoever
 runs it: ``pipelines/run_local.py`` passes local paths to ``kfp.local``; ``kiln compile``
@@ -37,8 +38,9 @@ DVC_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_
 GIT_SECRET_KEYS = {"username": "KILN_GIT_USERNAME", "password": "KILN_GIT_PASSWORD"}
 """Keys of a ``kubernetes.io/basic-auth`` Secret for a private https ``data_repo`` (see kiln.ingest)."""
 
-UNCACHED = frozenset({"resolve", "drift", "evaluate", "deploy"})
-"""resolve decides what the cached steps see; the others read the changing model store."""
+UNCACHED = frozenset({"resolve", "drift", "evaluate", "deploy", "withheld", "report"})
+"""resolve decides what the cached steps see; drift, evaluate and deploy read the changing model
+store, and what the report and the deploy outcome show follows from them."""
 RETRIED = frozenset({"resolve", "ingest", "deploy"})
 """Steps that talk to git, the DVC remote or the shared store: transient failures are worth a retry."""
 
@@ -64,6 +66,8 @@ DEFAULT_RESOURCES = {
     "export": Resources("2", "4", "4Gi", "8Gi"),
     "evaluate": Resources("1", "2", "2Gi", "4Gi"),
     "deploy": Resources("250m", "1", "1Gi", "2Gi"),
+    "withheld": Resources("100m", "500m", "256Mi", "512Mi"),
+    "report": Resources("500m", "1", "1Gi", "2Gi"),
 }
 
 
@@ -180,8 +184,27 @@ def build_pipeline(image: str = DEFAULT_IMAGE, cluster: ClusterOptions | None = 
                               metrics=evaluate.outputs["metrics"],
                               cleaned=clean.outputs["cleaned"], model_store=model_store, model_name=model_name,
                               data_version=ingest.outputs["data_version"])
+        with dsl.Else(name="not-blessed"):
+            withheld = c.withheld()
+        # outside the condition, so it runs either way; OneOf carries whichever branch ran
+        report = c.report(
+            raw=ingest.outputs["raw"], cleaned=clean.outputs["cleaned"], quarantine=clean.outputs["quarantine"],
+            repairs=clean.outputs["repairs"], validation=validate.outputs["metrics"], drift=drift.outputs["metrics"],
+            curves=train.outputs["curves"], onnx_model=export.outputs["onnx_model"],
+            variants=export.outputs["variants"], metrics=evaluate.outputs["metrics"],
+            predictions=evaluate.outputs["predictions"], verdict=evaluate.outputs["verdict"],
+            blessed=evaluate.outputs["Output"],
+            deployed_version=dsl.OneOf(deploy.outputs["version"], withheld.output),
+            run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, data_repo=data_repo, data_rev=data_rev,
+            data_commit=resolve.outputs["data_commit"], data_version=ingest.outputs["data_version"],
+            model_store=model_store, model_name=model_name,
+            parameters={"model_type": model_type, "epochs": epochs, "seed": seed, "train_gpus": train_gpus,
+                        "resize_wrong_size": resize_wrong_size, "drift_action": drift_action,
+                        "min_accuracy": min_accuracy, "min_macro_recall": min_macro_recall,
+                        "min_class_recall": min_class_recall, "champion_tolerance": champion_tolerance})
         tasks = {"resolve": resolve, "ingest": ingest, "clean": clean, "validate": validate, "drift": drift,
-                 "split": split, "train": train, "export": export, "evaluate": evaluate, "deploy": deploy}
+                 "split": split, "train": train, "export": export, "evaluate": evaluate, "deploy": deploy,
+                 "withheld": withheld, "report": report}
         for name, task in tasks.items():
             task.set_caching_options(enable_caching=name not in UNCACHED)
         if cluster is not None:

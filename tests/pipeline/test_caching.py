@@ -18,16 +18,27 @@ from kiln.data import write_dataset
 from kiln.store import ModelStore
 from pipelines.run_local import parse_args, run, summarize
 
-EVERY_STEP = ["clean", "deploy", "drift", "evaluate", "export", "ingest", "resolve", "split", "train", "validate"]
-ALWAYS_RUN = ["deploy", "drift", "evaluate", "resolve"]  # resolve + the steps that read the model store
+EVERY_STEP = ["clean", "deploy", "drift", "evaluate", "export", "ingest", "report", "resolve", "split", "train",
+              "validate"]
+ALWAYS_RUN = ["deploy", "drift", "evaluate", "report", "resolve"]  # resolve, the store's readers, the report
 
 
-def run_once(repo: Path, work: Path) -> dict:
+def run_once(repo: Path, work: Path, min_accuracy: str = "0") -> dict:
     args = parse_args(["--data-repo", str(repo), "--data-rev", "main", "--model-store", str(work / "store"),
                        "--runs-dir", str(work / "runs"), "--cache-root", str(work / "cache"),
-                       "--epochs", "1", "--model-type", "mlp", "--min-accuracy", "0", "--min-macro-recall", "0",
-                       "--min-class-recall", "0", "--champion-tolerance", "1"], repo_root=work)
+                       "--epochs", "1", "--model-type", "mlp", "--min-accuracy", min_accuracy,
+                       "--min-macro-recall", "0", "--min-class-recall", "0", "--champion-tolerance", "1"],
+                      repo_root=work)
     return summarize(run(args))
+
+
+def report_text(summary: dict) -> str:
+    """The run report's HTML; every section of the page is there whatever the outcome."""
+    from kiln.report import SECTIONS
+
+    page = Path(summary["report"]).read_text()
+    assert all(f'id="section-{name}"' in page for name in SECTIONS)
+    return page
 
 
 @pytest.mark.slow
@@ -42,6 +53,8 @@ def test_a_second_run_reuses_the_cache_and_new_data_retrains(tmp_path: Path) -> 
     assert run1["ran"] == EVERY_STEP
     assert (run1["deployed_version"], run1["version_added"]) == ("1", True)
     assert store.production("mnist").meta["data_version"] == first_version
+    page = report_text(run1)
+    assert ">DEPLOYED</span>" in page and "version 1" in page and first_version in page
 
     run2 = run_once(repo, tmp_path)  # nothing changed
     assert run2["ran"] == ALWAYS_RUN
@@ -49,6 +62,14 @@ def test_a_second_run_reuses_the_cache_and_new_data_retrains(tmp_path: Path) -> 
     assert run2["blessed"] is True  # the same model, evaluated again against itself
     assert (run2["deployed_version"], run2["version_added"]) == ("1", False)
     assert store.versions("mnist") == ["1"]
+
+    # a bar no model reaches: the else branch runs and the report still comes, from cache up to export
+    rejected = run_once(repo, tmp_path, min_accuracy="1")
+    assert rejected["ran"] == ["drift", "evaluate", "report", "resolve", "withheld"]
+    assert rejected["blessed"] is False and rejected["deployed_version"] is None
+    page = report_text(rejected)
+    assert ">NOT DEPLOYED</span>" in page and "not blessed: FAIL" in page
+    assert store.alias("mnist") == "1"
 
     batch = tmp_path / "batch"
     new_images, new_labels = mnist_subset(per_class=5, offset=100)

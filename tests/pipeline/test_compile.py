@@ -16,20 +16,48 @@ def compile_to(tmp_path: Path, image: str | None = None) -> dict:
     return out.read_text()
 
 
+def flat_tasks(spec: dict, dag: dict | None = None) -> dict:
+    """Every component task of the pipeline by name, nested condition/loop DAGs flattened."""
+    tasks = {}
+    for name, task in (dag or spec["root"]["dag"])["tasks"].items():
+        inner = spec["components"][task["componentRef"]["name"]].get("dag")
+        tasks.update(flat_tasks(spec, inner) if inner else {name: task})
+    return tasks
+
+
+def group_tasks(spec: dict, group: dict) -> dict:
+    """The tasks directly inside a condition (or loop) group task."""
+    return spec["components"][group["componentRef"]["name"]]["dag"]["tasks"]
+
+
 def test_committed_yaml_is_not_stale(tmp_path: Path) -> None:
     committed = (REPO_ROOT / "pipelines" / "training_pipeline.yaml").read_text()
     assert compile_to(tmp_path) == committed, "pipelines/training_pipeline.yaml is stale: run `make compile`"
 
 
-def test_deploy_runs_only_when_blessed(tmp_path: Path) -> None:
+def test_deploy_runs_only_when_blessed_and_the_report_either_way(tmp_path: Path) -> None:
     spec = next(yaml.safe_load_all(compile_to(tmp_path)))
     root_tasks = spec["root"]["dag"]["tasks"]
-    assert set(root_tasks) >= {"resolve", "ingest", "clean", "validate", "drift", "split", "train", "export", "evaluate"}
-    assert "deploy" not in root_tasks
-    condition = next(t for t in root_tasks.values() if "triggerPolicy" in t)
-    assert condition["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--evaluate-Output'] == true"
-    inner = spec["components"][condition["componentRef"]["name"]]["dag"]["tasks"]
-    assert list(inner) == ["deploy"]
+    assert set(root_tasks) >= {"resolve", "ingest", "validate", "drift", "split", "train", "export", "evaluate",
+                               "report"}
+    assert "deploy" not in root_tasks and "withheld" not in root_tasks
+    branches = next(t for n, t in root_tasks.items() if n.startswith("condition-branches"))
+    blessed, rejected = group_tasks(spec, branches).values()
+    assert blessed["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--evaluate-Output'] == true"
+    assert rejected["triggerPolicy"]["condition"] == "!(inputs.parameter_values['pipelinechannel--evaluate-Output'] == true)"
+    assert list(group_tasks(spec, blessed)) == ["deploy"] and list(group_tasks(spec, rejected)) == ["withheld"]
+    # the report sits outside the condition and takes the deploy outcome from whichever branch ran
+    report = root_tasks["report"]
+    assert "triggerPolicy" not in report
+    version = report["inputs"]["parameters"]["deployed_version"]["taskOutputParameter"]
+    assert version["producerTask"] == branches["taskInfo"]["name"]
+    oneof = spec["components"][branches["componentRef"]["name"]]["dag"]["outputs"]["parameters"]
+    selectors = oneof[version["outputParameterKey"]]["valueFromOneof"]["parameterSelectors"]
+    assert [s["outputParameterKey"] for s in selectors] == ["pipelinechannel--deploy-version",
+                                                            "pipelinechannel--withheld-Output"]
+    assert report["inputs"]["parameters"]["blessed"]["taskOutputParameter"] == {"outputParameterKey": "Output",
+                                                                               "producerTask": "evaluate"}
+    assert {"evaluate", "export", "train", "validate", "drift"} <= set(report["dependentTasks"])
     # split waits for validate even though it only consumes clean's output
     assert {"validate", "drift"} <= set(root_tasks["split"]["dependentTasks"])
 
@@ -37,12 +65,13 @@ def test_deploy_runs_only_when_blessed(tmp_path: Path) -> None:
 def test_image_comes_from_the_builder_and_kfp_is_not_reinstalled(tmp_path: Path) -> None:
     spec = next(yaml.safe_load_all(compile_to(tmp_path, image="registry.example/kiln:test")))
     executors = spec["deploymentSpec"]["executors"]
-    assert len(executors) == 10
-    for executor in executors.values():
+    assert len(executors) == 12
+    for name, executor in executors.items():
         container = executor["container"]
         assert container["image"] == "registry.example/kiln:test"
         assert "pip install" not in " ".join(container["command"])
-        assert "from kiln." in " ".join(container["command"])  # the body calls into kiln
+        if name != "exec-withheld":  # the not-blessed branch only says "no version"
+            assert "from kiln." in " ".join(container["command"])  # the body calls into kiln
 
 
 def test_cluster_flavour_mounts_the_model_store_where_it_is_used(tmp_path: Path) -> None:
@@ -84,9 +113,7 @@ def test_every_parameter_is_described_for_the_ui(tmp_path: Path) -> None:
 
 def test_resolve_and_store_readers_are_never_cached(tmp_path: Path) -> None:
     spec = next(yaml.safe_load_all(compile_to(tmp_path)))
-    tasks = dict(spec["root"]["dag"]["tasks"])
-    tasks.update(next(spec["components"][t["componentRef"]["name"]]["dag"]["tasks"]
-                      for t in tasks.values() if "triggerPolicy" in t))
+    tasks = flat_tasks(spec)
     cached = {name for name, t in tasks.items() if t.get("cachingOptions", {}).get("enableCache")}
     assert cached == {"ingest", "clean", "validate", "split", "train", "export"}
     # ingest's cache key holds what resolve pinned, not the moving data_rev
@@ -102,9 +129,7 @@ def test_cluster_options_per_task(tmp_path: Path) -> None:
     text = compile_pipeline(tmp_path / "p.yaml", cluster=ClusterOptions(gpus=2, dvc_secret="kiln-dvc-s3",
                                                                          git_secret="kiln-git")).read_text()
     spec, platform = yaml.safe_load_all(text)
-    tasks = dict(spec["root"]["dag"]["tasks"])
-    tasks.update(next(spec["components"][t["componentRef"]["name"]]["dag"]["tasks"]
-                      for t in tasks.values() if "triggerPolicy" in t))
+    tasks = flat_tasks(spec)
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     for name, task in tasks.items():
         if "componentRef" not in task or name not in DEFAULT_RESOURCES:
@@ -120,7 +145,7 @@ def test_cluster_options_per_task(tmp_path: Path) -> None:
                              "backoffMaxDuration": "600s"}, name
         else:
             assert retry is None, name
-    assert set(tasks) - {"condition-1"} == set(DEFAULT_RESOURCES)
+    assert set(tasks) == set(DEFAULT_RESOURCES)
 
     train = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]["accelerator"]
     assert train["resourceType"] == "nvidia.com/gpu"

@@ -113,4 +113,5 @@ def test_data_that_breaks_an_expectation_stops_the_run_at_validate(tmp_path: Pat
     report = (task_dir(run_root, "validate") / "report").read_text()
     assert "expect_table_row_count_to_be_between" in report
     assert task_dir(run_root, "train") is None  # nothing trained...
+    assert task_dir(run_root, "report") is None  # a run that stops before evaluate has no report
     assert ModelStore(tmp_path / "store").production("mnist") is None  # ...nothing deployed
