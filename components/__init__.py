@@ -12,19 +12,20 @@ from types import SimpleNamespace
 
 from kfp import dsl
 
-from components.clean import clean
 from components.deploy import deploy, withheld
 from components.drift import drift
 from components.evaluate import evaluate
 from components.export import export
 from components.ingest import ingest
+from components.merge import merge
 from components.report import report
 from components.resolve import resolve
+from components.shard import shard
 from components.split import split
 from components.train import train
 from components.validate import validate
 
-STEPS = (resolve, ingest, clean, validate, drift, split, train, export, evaluate, deploy, withheld, report)
+STEPS = (resolve, ingest, shard, merge, validate, drift, split, train, export, evaluate, deploy, withheld, report)
 
 
 def make_components(image: str) -> SimpleNamespace:

@@ -132,7 +132,7 @@ def summarize(run_root: Path) -> dict:
         "run": str(run_root),
         "validation_report": path("validate", "report"),
         "drift_report": path("drift", "report"),
-        "quarantine": path("clean", "quarantine"),
+        "quarantine": path("merge", "quarantine"),
         "training_curves": path("train", "curves_plot"),
         "onnx_model": path("export", "onnx_model"),
         "variants": path("export", "variants"),
@@ -143,7 +143,8 @@ def summarize(run_root: Path) -> dict:
         "blessed": evaluate.get("parameterValues", {}).get("Output"),
         "deployed_version": deploy.get("version"),
         "version_added": deploy.get("added"),
-        "ran": sorted(p.name for p in run_root.glob(f"{PIPELINE_NAME}-*/*") if p.is_dir()),
+        "ran": sorted({p.name for p in run_root.glob(f"{PIPELINE_NAME}-*/*") if p.is_dir() and "-iteration-" not in p.name}
+                      | {p.name for p in run_root.glob(f"{PIPELINE_NAME}-*/*-iteration-*/*") if p.is_dir()}),
     }
 
 

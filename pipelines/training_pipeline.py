@@ -1,7 +1,11 @@
 """The kiln training pipeline: one factory, for every runner.
 
-resolve -> ingest -> clean -> validate -> split -> train -> export -> evaluate -> [blessed] deploy -> report
-                                                                           [not blessed] ----^
+resolve -> ingest (shard plan) -> ParallelFor(shard) -> merge -> validate + drift -> split -> train -> export
+        -> evaluate -> [blessed] deploy | [not blessed] withheld -> report
+
+Cleaning fans out: ingest lists the data and assigns each file to one of ``shards`` shards
+by a hash of its id; each ``shard`` task fetches, checks and measures its files; ``merge``
+resolves duplicates across shards (see ``kiln.shard``).
 
 The environment (container image, data repository, model store) is given by whoever
 runs it: ``pipelines/run_local.py`` passes local paths to ``kfp.local``; ``kiln compile``
@@ -38,6 +42,8 @@ DVC_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_
 GIT_SECRET_KEYS = {"username": "KILN_GIT_USERNAME", "password": "KILN_GIT_PASSWORD"}
 """Keys of a ``kubernetes.io/basic-auth`` Secret for a private https ``data_repo`` (see kiln.ingest)."""
 
+LOCAL_SHARD_PARALLELISM = 2
+"""Shard tasks ``kfp.local`` runs at once (its threads share this machine's cores)."""
 UNCACHED = frozenset({"resolve", "drift", "evaluate", "deploy", "withheld", "report"})
 """resolve decides what the cached steps see; drift, evaluate and deploy read the changing model
 store, and what the report and the deploy outcome show follows from them."""
@@ -57,8 +63,9 @@ class Resources:
 
 DEFAULT_RESOURCES = {
     "resolve": Resources("250m", "1", "512Mi", "1Gi"),
-    "ingest": Resources("1", "2", "2Gi", "4Gi"),
-    "clean": Resources("1", "2", "2Gi", "4Gi"),
+    "ingest": Resources("500m", "1", "1Gi", "2Gi"),
+    "shard": Resources("1", "2", "2Gi", "4Gi"),
+    "merge": Resources("1", "2", "2Gi", "4Gi"),
     "validate": Resources("1", "2", "2Gi", "4Gi"),
     "drift": Resources("500m", "2", "1Gi", "2Gi"),
     "split": Resources("500m", "1", "1Gi", "2Gi"),
@@ -90,6 +97,8 @@ class ClusterOptions:
     retry_backoff: str = "30s"
     retry_backoff_max: str = "600s"
     train_timeout_s: int = 6 * 3600
+    shard_parallelism: int = 16
+    """Shard tasks running at once (the ``parallelism`` of the clean fan-out), fixed at compile time."""
 
 
 def _configure_cluster(tasks: dict, opts: ClusterOptions, train_gpus) -> None:
@@ -109,7 +118,7 @@ def _configure_cluster(tasks: dict, opts: ClusterOptions, train_gpus) -> None:
         kubernetes.add_toleration(train, key=opts.gpu_toleration_key, operator="Exists", effect="NoSchedule")
         kubernetes.empty_dir_mount(train, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                    size_limit=opts.shm_size)
-    for name in ("resolve", "ingest"):  # the steps that read the data repository
+    for name in ("resolve", "ingest", "shard"):  # the steps that read the data repository
         if opts.dvc_secret:
             kubernetes.use_secret_as_env(tasks[name], secret_name=opts.dvc_secret, secret_key_to_env=DVC_SECRET_KEYS)
         if opts.git_secret:
@@ -126,6 +135,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE, cluster: ClusterOptions | None = 
     """
     c = make_components(image)
     default_gpus = cluster.gpus if cluster else 0
+    parallelism = cluster.shard_parallelism if cluster else LOCAL_SHARD_PARALLELISM
 
     @dsl.pipeline(name=PIPELINE_NAME, description="DVC data -> validated, evaluated ONNX model -> model store")
     def training_pipeline(
@@ -138,6 +148,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE, cluster: ClusterOptions | None = 
         seed: int = 0,
         train_gpus: int = default_gpus,
         resize_wrong_size: bool = False,
+        shards: int = 1,
         drift_action: str = "warn",
         min_accuracy: float = 0.95,
         min_macro_recall: float = 0.95,
@@ -156,6 +167,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE, cluster: ClusterOptions | None = 
             seed: Random seed of training (same data + seed + code = same model).
             train_gpus: GPUs for the train step (DDP when > 1); only used when compiled with GPUs.
             resize_wrong_size: Resize wrong-size images instead of quarantining them.
+            shards: Shards cleaning and per-image statistics fan out over (one task each, at most the compiled parallelism at once); results are the same for any number.
             drift_action: "warn" or "fail" when the data drifted from the production model's.
             min_accuracy: Least test accuracy to bless the model.
             min_macro_recall: Least macro-averaged test recall to bless the model.
@@ -163,18 +175,22 @@ def build_pipeline(image: str = DEFAULT_IMAGE, cluster: ClusterOptions | None = 
             champion_tolerance: Test accuracy the new model may lose against production on the same split and still be blessed.
         """
         resolve = c.resolve(data_repo=data_repo, data_rev=data_rev)
-        ingest = c.ingest(data_repo=data_repo, data_commit=resolve.outputs["data_commit"],
-                          data_version=resolve.outputs["data_version"])
-        clean = c.clean(raw=ingest.outputs["raw"], resize_wrong_size=resize_wrong_size)
-        validate = c.validate(cleaned=clean.outputs["cleaned"])
-        drift = c.drift(cleaned=clean.outputs["cleaned"], model_store=model_store, model_name=model_name,
+        data_version = resolve.outputs["data_version"]  # ingest fails the run unless it reads exactly this
+        ingest = c.ingest(data_repo=data_repo, data_commit=resolve.outputs["data_commit"], data_version=data_version,
+                          shards=shards)
+        with dsl.ParallelFor(ingest.outputs["Output"], parallelism=parallelism, name="shards") as shard_no:
+            shard = c.shard(plan=ingest.outputs["plan"], shard=shard_no, data_repo=data_repo,
+                            resize_wrong_size=resize_wrong_size)
+        merge = c.merge(parts=dsl.Collected(shard.outputs["part"]), data_version=data_version)
+        validate = c.validate(cleaned=merge.outputs["cleaned"])
+        drift = c.drift(cleaned=merge.outputs["cleaned"], model_store=model_store, model_name=model_name,
                         drift_action=drift_action)
         # nothing trains on unvalidated (or, with drift_action="fail", drifted) data
-        split = c.split(cleaned=clean.outputs["cleaned"]).after(validate, drift)
+        split = c.split(cleaned=merge.outputs["cleaned"]).after(validate, drift)
         train = c.train(train_set=split.outputs["train_set"], val_set=split.outputs["val_set"],
                         model_type=model_type, epochs=epochs, seed=seed, num_gpus=train_gpus)
         export = c.export(checkpoint=train.outputs["checkpoint"], val_set=split.outputs["val_set"],
-                          test_set=split.outputs["test_set"], data_version=ingest.outputs["data_version"])
+                          test_set=split.outputs["test_set"], data_version=data_version)
         evaluate = c.evaluate(onnx_model=export.outputs["onnx_model"], test_set=split.outputs["test_set"],
                               min_accuracy=min_accuracy, min_macro_recall=min_macro_recall,
                               min_class_recall=min_class_recall, model_store=model_store, model_name=model_name,
@@ -182,27 +198,27 @@ def build_pipeline(image: str = DEFAULT_IMAGE, cluster: ClusterOptions | None = 
         with dsl.If(evaluate.outputs["Output"] == True, name="blessed"):  # noqa: E712 (a KFP condition, not Python)
             deploy = c.deploy(onnx_model=export.outputs["onnx_model"], variants=export.outputs["variants"],
                               metrics=evaluate.outputs["metrics"],
-                              cleaned=clean.outputs["cleaned"], model_store=model_store, model_name=model_name,
-                              data_version=ingest.outputs["data_version"])
+                              cleaned=merge.outputs["cleaned"], model_store=model_store, model_name=model_name,
+                              data_version=data_version)
         with dsl.Else(name="not-blessed"):
             withheld = c.withheld()
         # outside the condition, so it runs either way; OneOf carries whichever branch ran
         report = c.report(
-            raw=ingest.outputs["raw"], cleaned=clean.outputs["cleaned"], quarantine=clean.outputs["quarantine"],
-            repairs=clean.outputs["repairs"], validation=validate.outputs["metrics"], drift=drift.outputs["metrics"],
+            raw=merge.outputs["quarantined_raw"], cleaned=merge.outputs["cleaned"], quarantine=merge.outputs["quarantine"],
+            repairs=merge.outputs["repairs"], validation=validate.outputs["metrics"], drift=drift.outputs["metrics"],
             curves=train.outputs["curves"], onnx_model=export.outputs["onnx_model"],
             variants=export.outputs["variants"], metrics=evaluate.outputs["metrics"],
             predictions=evaluate.outputs["predictions"], verdict=evaluate.outputs["verdict"],
             blessed=evaluate.outputs["Output"],
             deployed_version=dsl.OneOf(deploy.outputs["version"], withheld.output),
             run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, data_repo=data_repo, data_rev=data_rev,
-            data_commit=resolve.outputs["data_commit"], data_version=ingest.outputs["data_version"],
+            data_commit=resolve.outputs["data_commit"], data_version=data_version,
             model_store=model_store, model_name=model_name,
             parameters={"model_type": model_type, "epochs": epochs, "seed": seed, "train_gpus": train_gpus,
-                        "resize_wrong_size": resize_wrong_size, "drift_action": drift_action,
+                        "resize_wrong_size": resize_wrong_size, "shards": shards, "drift_action": drift_action,
                         "min_accuracy": min_accuracy, "min_macro_recall": min_macro_recall,
                         "min_class_recall": min_class_recall, "champion_tolerance": champion_tolerance})
-        tasks = {"resolve": resolve, "ingest": ingest, "clean": clean, "validate": validate, "drift": drift,
+        tasks = {"resolve": resolve, "ingest": ingest, "shard": shard, "merge": merge, "validate": validate, "drift": drift,
                  "split": split, "train": train, "export": export, "evaluate": evaluate, "deploy": deploy,
                  "withheld": withheld, "report": report}
         for name, task in tasks.items():

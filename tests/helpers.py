@@ -147,3 +147,39 @@ def tiny_onnx(path: Path) -> Path:
     helper.set_model_props(model, {"train_config": '{"model": "cnn"}', "class_labels": '["0"]'})
     onnx.save(model, str(path))
     return path
+
+
+def png_bytes(image) -> bytes:
+    """A Pillow image as PNG bytes."""
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def plant_faults(root: Path, images: np.ndarray) -> Path:
+    """Damage a ``write_dataset`` folder of ``mnist_subset(per_class=2)`` (``images``; ids
+    00000..00019, id i has label i // 2) with one example of every kind cleaning handles."""
+    from PIL import Image
+
+    from kiln.data import encode_png
+
+    img = root / "images"
+    (img / "00000.png").unlink()  # missing file
+    (img / "stray.png").write_bytes(encode_png(images[0]))  # not in the manifest
+    (img / "00001.png").write_bytes(b"")  # empty
+    (img / "00002.png").write_bytes(b"this is not an image at all")
+    good = (img / "00003.png").read_bytes()
+    (img / "00003.png").write_bytes(good[: len(good) // 2])  # truncated PNG
+    (img / "00004.png").write_bytes(png_bytes(Image.new("L", (32, 32))))  # wrong size
+    (img / "00005.png").write_bytes(png_bytes(Image.fromarray(images[5]).convert("RGB")))  # colour: kept
+    (img / "00006.png").write_bytes(png_bytes(Image.fromarray(images[6]).convert("RGBA")))  # alpha: kept
+    (img / "00009.png").write_bytes((img / "00008.png").read_bytes())  # both label 4: keep one
+    (img / "00015.png").write_bytes((img / "00016.png").read_bytes())  # labels 7 vs 8: conflict
+    manifest = (root / "labels.csv").read_text().splitlines()
+    manifest[1 + 11] = "00011,"  # missing label
+    manifest[1 + 12] = "00012,seven"  # unknown label
+    manifest.append("00013,6")  # the same id listed twice
+    (root / "labels.csv").write_text("\n".join(manifest) + "\n")
+    return root

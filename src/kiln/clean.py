@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -139,45 +140,77 @@ def clean_table(raw: pd.DataFrame, config: CleanConfig = CleanConfig()) -> tuple
     lists (as :data:`REPAIR_COLUMNS` rows) every change made to a kept image.
 
     Order of checks per row: manifest membership, file presence, decodability, size,
-    label; then, across rows, exact duplicates by pixel content.
+    label (:func:`screen_rows`); then, across rows, exact duplicates by pixel content
+    (:func:`resolve_duplicates`). A sharded run does the first per shard and the second
+    once over every shard's survivors, with the same result.
     """
+    kept, rejected = screen_rows(raw, config)
+    return resolve_duplicates(kept, rejected)
+
+
+SCREENED_COLUMNS = ("ordinal", "id", "label", "pixels", "sha256", "path", "fixes")
+"""What :func:`screen_rows` keeps per image: its raw-table position (``ordinal``), the clean
+columns, its path and the JSON of the fixes made to it (``{"grayscale": "RGBA -> L"}``)."""
+REJECTED_COLUMNS = ("ordinal", *QUARANTINE_COLUMNS)
+
+
+def screen_rows(raw: pd.DataFrame, config: CleanConfig = CleanConfig()) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The per-row checks of :func:`clean_table`: (kept, rejected) with SCREENED_COLUMNS and
+    REJECTED_COLUMNS. ``ordinal`` is the raw table's own ``ordinal`` column when it has one
+    (a shard of a larger table), else the row position. Manifest ids are counted within
+    ``raw``, so a shard must hold every row of an id (shards split by id)."""
+    ordinals = raw["ordinal"].tolist() if "ordinal" in raw.columns else list(range(len(raw)))
     label_index = {label: i for i, label in enumerate(config.labels)}
-    quarantine: list[dict[str, str]] = []
+    rejected: list[dict[str, object]] = []
     kept: list[dict[str, object]] = []
     id_counts = Counter(raw.loc[raw["in_manifest"], "id"])
 
-    def reject(row, reason: Reason, detail: str) -> None:
-        quarantine.append({"id": str(row.id), "path": str(row.path), "reason": reason.value, "detail": detail})
+    def reject(ordinal: int, row, reason: Reason, detail: str) -> None:
+        rejected.append({"ordinal": ordinal, "id": str(row.id), "path": str(row.path), "reason": reason.value,
+                         "detail": detail})
 
-    for row in raw.itertuples(index=False):
+    for ordinal, row in zip(ordinals, raw.itertuples(index=False)):
         if not row.in_manifest:
-            reject(row, Reason.NOT_IN_MANIFEST, "image file has no row in the manifest")
+            reject(ordinal, row, Reason.NOT_IN_MANIFEST, "image file has no row in the manifest")
             continue
         if id_counts[row.id] > 1:
-            reject(row, Reason.DUPLICATE_ID, f"the manifest lists id {row.id!r} {id_counts[row.id]} times")
+            reject(ordinal, row, Reason.DUPLICATE_ID, f"the manifest lists id {row.id!r} {id_counts[row.id]} times")
             continue
         if row.png is None or (isinstance(row.png, float) and np.isnan(row.png)):
-            reject(row, Reason.MISSING_FILE, "listed in the manifest but the file does not exist")
+            reject(ordinal, row, Reason.MISSING_FILE, "listed in the manifest but the file does not exist")
             continue
         try:
             pixels, fixes = decode_image(bytes(row.png), config)
         except _Rejected as r:
-            reject(row, r.reason, r.detail)
+            reject(ordinal, row, r.reason, r.detail)
             continue
         label = row.label if isinstance(row.label, str) else None
         if label is None:
-            reject(row, Reason.MISSING_LABEL, "the manifest gives no label")
+            reject(ordinal, row, Reason.MISSING_LABEL, "the manifest gives no label")
             continue
         if label not in label_index:
-            reject(row, Reason.UNKNOWN_LABEL, f"label {label!r} is not one of {list(config.labels)}")
+            reject(ordinal, row, Reason.UNKNOWN_LABEL, f"label {label!r} is not one of {list(config.labels)}")
             continue
         data = pixels.tobytes()
-        kept.append({"id": str(row.id), "label": label_index[label], "pixels": data,
-                     "sha256": hashlib.sha256(data).hexdigest(), "path": str(row.path), "fixes": fixes})
+        kept.append({"ordinal": ordinal, "id": str(row.id), "label": label_index[label], "pixels": data,
+                     "sha256": hashlib.sha256(data).hexdigest(), "path": str(row.path),
+                     "fixes": json.dumps(fixes, sort_keys=True)})
+    kept_df = pd.DataFrame.from_records(kept, columns=list(SCREENED_COLUMNS))
+    kept_df = kept_df.astype({"ordinal": "int64", "id": "string", "label": "int64", "sha256": "string",
+                              "path": "string", "fixes": "string"})
+    return kept_df, pd.DataFrame.from_records(rejected, columns=list(REJECTED_COLUMNS)).astype({"ordinal": "int64"})
 
-    # --- duplicates by content: keep one of a same-label group, drop conflicting groups ---
+
+def resolve_duplicates(kept: pd.DataFrame, rejected: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, CleanReport]:
+    """The cross-row step of :func:`clean_table` over screened rows (from one table or
+    many shards' concatenated): of images with identical pixels keep the first (by
+    ``ordinal``) of a same-label group and drop every one of a conflicting group. Returns
+    (clean table sorted by id, quarantine in raw order then duplicates, report)."""
+    kept = kept.sort_values("ordinal", kind="stable")
+    rejected = rejected.sort_values("ordinal", kind="stable")
+    quarantine = rejected[list(QUARANTINE_COLUMNS)].to_dict("records")
     by_hash: dict[str, list[dict[str, object]]] = {}
-    for record in kept:
+    for record in kept.to_dict("records"):
         by_hash.setdefault(str(record["sha256"]), []).append(record)
     clean_records = []
     for group in by_hash.values():
@@ -195,18 +228,19 @@ def clean_table(raw: pd.DataFrame, config: CleanConfig = CleanConfig()) -> tuple
                                "detail": f"same pixels and label as {first['id']}"})
 
     clean_records.sort(key=lambda r: str(r["id"]))
+    fixes = [json.loads(str(r["fixes"])) for r in clean_records]
     repairs = [{"id": str(r["id"]), "path": str(r["path"]), "fix": fix, "detail": detail}
-               for r in clean_records for fix, detail in r["fixes"].items()]
-    clean = pd.DataFrame.from_records(clean_records, columns=[*CLEAN_COLUMNS, "path"])[list(CLEAN_COLUMNS)]
+               for r, made in zip(clean_records, fixes) for fix, detail in made.items()]
+    clean = pd.DataFrame.from_records(clean_records, columns=list(SCREENED_COLUMNS))[list(CLEAN_COLUMNS)]
     clean = clean.astype({"id": "string", "label": "int64", "sha256": "string"})
     quarantined = pd.DataFrame.from_records(quarantine, columns=list(QUARANTINE_COLUMNS))
     report = CleanReport(
-        n_input=len(raw),
+        n_input=len(kept) + len(rejected),
         n_clean=len(clean),
         n_quarantined=len(quarantined),
         by_reason=dict(Counter(quarantined["reason"])),
-        converted=sum("grayscale" in r["fixes"] for r in clean_records),
-        resized=sum("resized" in r["fixes"] for r in clean_records),
+        converted=sum("grayscale" in made for made in fixes),
+        resized=sum("resized" in made for made in fixes),
         repairs=repairs,
     )
     if report.n_clean + report.n_quarantined != report.n_input:  # the invariant the stage exists for

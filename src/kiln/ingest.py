@@ -29,7 +29,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import pandas as pd
 
 from kiln.data import IMAGES, MANIFEST
-from kiln.dataset import write_table
+from kiln.dataset import RAW_COLUMNS, write_table
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,34 @@ def _workspace_is_dirty(repo: str, data_path: str) -> bool:
         return bool(dvc_repo.status(targets=[str(Path(repo).resolve() / f"{data_path}.dvc")]))
 
 
+def listing_rows(manifest: list[tuple[str, str | None]], file_names: list[str]) -> list[dict[str, Any]]:
+    """The raw table's rows without image bytes: every manifest row, then every file of
+    ``images/`` (names, sorted) the manifest does not list; ``file`` is the image's file
+    name, None when the manifest lists an id without one."""
+    files = {Path(name).stem: name for name in sorted(file_names)}
+    rows: list[dict[str, Any]] = []
+    listed = set()
+    for image_id, label in manifest:
+        listed.add(image_id)
+        name = files.get(image_id)
+        rows.append({"id": image_id, "label": label, "path": f"{IMAGES}/{name or image_id + '.png'}", "file": name,
+                     "in_manifest": True})
+    for image_id, name in files.items():
+        if image_id not in listed:
+            rows.append({"id": image_id, "label": None, "path": f"{IMAGES}/{name}", "file": name, "in_manifest": False})
+    return rows
+
+
+def raw_table(rows: list[dict[str, Any]], read: Any) -> pd.DataFrame:
+    """The raw table (see ``kiln.dataset``) of :func:`listing_rows`, each image's bytes from
+    ``read(file name)``; extra keys of the rows (a shard plan's ``ordinal``) stay as columns."""
+    records = [{**{k: v for k, v in row.items() if k != "file"},
+                "png": read(row["file"]) if row["file"] is not None else None} for row in rows]
+    extra = [k for k in (rows[0] if rows else {}) if k not in (*RAW_COLUMNS, "file")]
+    df = pd.DataFrame.from_records(records, columns=[*RAW_COLUMNS, *extra])
+    return df.astype({"id": "string", "label": "string", "path": "string", "in_manifest": bool})
+
+
 def raw_table_from_dir(root: Path) -> pd.DataFrame:
     """Build the raw table (see ``kiln.dataset``) from a dataset folder on disk.
 
@@ -172,29 +200,8 @@ def raw_table_from_dir(root: Path) -> pd.DataFrame:
         raise IngestError(f"no {MANIFEST} in {root}")
     manifest = _read_manifest(manifest_path.read_text())
     image_dir = root / IMAGES
-    files = {p.stem: p for p in sorted(image_dir.glob("*")) if p.is_file()} if image_dir.is_dir() else {}
-
-    records = []
-    listed = set()
-    for image_id, label in manifest:
-        listed.add(image_id)
-        path = files.get(image_id)
-        records.append(
-            {
-                "id": image_id,
-                "label": label,
-                "path": f"{IMAGES}/{path.name if path else image_id + '.png'}",
-                "png": path.read_bytes() if path else None,
-                "in_manifest": True,
-            }
-        )
-    for image_id, path in files.items():
-        if image_id not in listed:
-            records.append(
-                {"id": image_id, "label": None, "path": f"{IMAGES}/{path.name}", "png": path.read_bytes(), "in_manifest": False}
-            )
-    df = pd.DataFrame.from_records(records, columns=["id", "label", "path", "png", "in_manifest"])
-    return df.astype({"id": "string", "label": "string", "path": "string", "in_manifest": bool})
+    names = [p.name for p in image_dir.glob("*") if p.is_file()] if image_dir.is_dir() else []
+    return raw_table(listing_rows(manifest, names), lambda name: (image_dir / name).read_bytes())
 
 
 def _remote_of(fs: Any) -> str:
@@ -217,21 +224,58 @@ def _root_cause(error: BaseException) -> str:
     return f"{type(seen[-1]).__name__}: {lines[0]}" if lines else type(seen[-1]).__name__
 
 
-def ingest(data_repo: str, data_rev: str, out_path: str | Path, data_path: str = "data",
-           expected_version: str | None = None) -> IngestResult:
-    """Read ``data_path`` of ``data_repo`` at ``data_rev`` into a raw table at ``out_path``.
+def open_data(data_repo: str, data_rev: str, data_path: str = "data",
+              expected_version: str | None = None) -> tuple[Any, str]:
+    """(DVCFileSystem of ``data_repo`` at ``data_rev``, the data version of ``data_path``).
 
     The data version is the md5 DVC records for ``data_path`` at that revision; for a
     workspace read whose files differ from the ``.dvc`` file it is marked dirty (see
     :func:`resolve`) so a model is never attributed to data it was not trained on. With
-    ``expected_version`` (what :func:`resolve` saw), other data fails the step instead
-    of being recorded under the wrong version.
+    ``expected_version`` (what :func:`resolve` saw), other data fails instead of being
+    recorded under the wrong version.
     """
     fs, md5 = _open(data_repo, data_rev, data_path)
     data_version = _workspace_version(data_repo, data_path, md5) if _is_workspace(data_repo, data_rev) else md5
     if expected_version is not None and data_version != expected_version:
         raise IngestError(f"{data_path!r} in {data_repo!r} at {data_rev or '<workspace>'} is version {data_version}, "
                           f"but {expected_version} was resolved: the data changed during the run; start it again")
+    return fs, data_version
+
+
+def list_data(fs: Any, data_path: str = "data") -> list[dict[str, Any]]:
+    """:func:`listing_rows` of ``data_path`` as ``fs`` sees it: the manifest is read, the
+    images are only listed (DVC reads the directory's listing, not the files)."""
+    try:
+        manifest = fs.cat_file(f"{data_path}/{MANIFEST}").decode()
+    except FileNotFoundError as e:
+        raise IngestError(f"no {MANIFEST} in {data_path!r}") from e
+    except _dvc_errors() as e:
+        raise IngestError(_redact(f"cannot read {data_path}/{MANIFEST}{_remote_of(fs)}: {_root_cause(e)}")) from e
+    image_dir = f"{data_path}/{IMAGES}"
+    entries = fs.ls(image_dir, detail=True) if fs.isdir(image_dir) else []
+    names = [Path(e["name"]).name for e in entries if e.get("type") == "file"]
+    return listing_rows(_read_manifest(manifest), names)
+
+
+def fetch_images(fs: Any, names: list[str], data_path: str = "data", where: str = "") -> dict[str, bytes]:
+    """The bytes of the images ``names`` (file names under ``images/``), fetched in one
+    batch (DVC pulls what its cache lacks from the remote); ``where`` names the source in errors."""
+    with tempfile.TemporaryDirectory(prefix="kiln-fetch-") as tmp:
+        local = [str(Path(tmp) / name) for name in names]
+        try:
+            if names:
+                fs.get([f"{data_path}/{IMAGES}/{name}" for name in names], local)
+        except _dvc_errors() as e:
+            raise IngestError(_redact(f"cannot fetch {len(names)} images of {data_path!r}{where}"
+                                      f"{_remote_of(fs)}: {_root_cause(e)}")) from e
+        return {name: Path(path).read_bytes() for name, path in zip(names, local)}
+
+
+def ingest(data_repo: str, data_rev: str, out_path: str | Path, data_path: str = "data",
+           expected_version: str | None = None) -> IngestResult:
+    """Read ``data_path`` of ``data_repo`` at ``data_rev`` into a raw table at ``out_path``
+    (the data version and ``expected_version`` as in :func:`open_data`)."""
+    fs, data_version = open_data(data_repo, data_rev, data_path, expected_version)
     with tempfile.TemporaryDirectory(prefix="kiln-ingest-") as tmp:
         try:
             fs.get(data_path, tmp, recursive=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from helpers import mnist_subset
+from helpers import mnist_subset, plant_faults, png_bytes
 from kiln.clean import CleanConfig, Reason, clean_table, run_clean
 from kiln.data import encode_png, write_dataset
 from kiln.dataset import to_arrays, write_table
@@ -21,36 +20,10 @@ from kiln.ingest import raw_table_from_dir
 IMAGES, LABELS = mnist_subset(per_class=2)
 
 
-def png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture()
 def corrupted(tmp_path: Path) -> Path:
     """A dataset folder with one example of every kind of damage, plus good images."""
-    root = write_dataset(tmp_path / "data", IMAGES, LABELS)  # ids 00000..00019: id i has label i // 2
-    img = root / "images"
-    (img / "00000.png").unlink()  # missing file
-    (img / "stray.png").write_bytes(encode_png(IMAGES[0]))  # not in the manifest
-    (img / "00001.png").write_bytes(b"")  # empty
-    (img / "00002.png").write_bytes(b"this is not an image at all")
-    good = (img / "00003.png").read_bytes()
-    (img / "00003.png").write_bytes(good[: len(good) // 2])  # truncated PNG
-    (img / "00004.png").write_bytes(png_bytes(Image.new("L", (32, 32))))  # wrong size
-    rgb = Image.fromarray(IMAGES[5]).convert("RGB")
-    (img / "00005.png").write_bytes(png_bytes(rgb))  # colour: converted, kept
-    rgba = Image.fromarray(IMAGES[6]).convert("RGBA")
-    (img / "00006.png").write_bytes(png_bytes(rgba))  # alpha: converted, kept
-    (img / "00009.png").write_bytes((img / "00008.png").read_bytes())  # both label 4: keep one
-    (img / "00015.png").write_bytes((img / "00016.png").read_bytes())  # labels 7 vs 8: conflict
-    manifest = (root / "labels.csv").read_text().splitlines()
-    manifest[1 + 11] = "00011,"  # missing label
-    manifest[1 + 12] = "00012,seven"  # unknown label
-    manifest.append("00013,6")  # the same id listed twice
-    (root / "labels.csv").write_text("\n".join(manifest) + "\n")
-    return root
+    return plant_faults(write_dataset(tmp_path / "data", IMAGES, LABELS), IMAGES)
 
 
 def test_every_corruption_is_quarantined_with_its_reason(corrupted: Path, tmp_path: Path) -> None:

@@ -18,8 +18,8 @@ from kiln.data import write_dataset
 from kiln.store import ModelStore
 from pipelines.run_local import parse_args, run, summarize
 
-EVERY_STEP = ["clean", "deploy", "drift", "evaluate", "export", "ingest", "report", "resolve", "split", "train",
-              "validate"]
+EVERY_STEP = ["deploy", "drift", "evaluate", "export", "ingest", "merge", "report", "resolve", "shard", "split",
+              "train", "validate"]
 ALWAYS_RUN = ["deploy", "drift", "evaluate", "report", "resolve"]  # resolve, the store's readers, the report
 
 
@@ -98,7 +98,7 @@ def ran_steps(repo: Path, work: Path, image: str) -> list[str]:
     def pipeline(data_repo: str, data_rev: str):
         resolve = c.resolve(data_repo=data_repo, data_rev=data_rev).set_caching_options(enable_caching=False)
         c.ingest(data_repo=data_repo, data_commit=resolve.outputs["data_commit"],
-                 data_version=resolve.outputs["data_version"])
+                 data_version=resolve.outputs["data_version"], shards=1)
 
     root = work / "runs" / str(len(list((work / "runs").glob("*"))) if (work / "runs").exists() else 0)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), enable_caching=True,

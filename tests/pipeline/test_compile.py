@@ -62,10 +62,32 @@ def test_deploy_runs_only_when_blessed_and_the_report_either_way(tmp_path: Path)
     assert {"validate", "drift"} <= set(root_tasks["split"]["dependentTasks"])
 
 
+def test_cleaning_fans_out_over_the_shard_plan(tmp_path: Path) -> None:
+    from pipelines.training_pipeline import ClusterOptions, compile_pipeline
+
+    spec = next(yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml",
+                                                    cluster=ClusterOptions(shard_parallelism=5)).read_text()))
+    root_tasks = spec["root"]["dag"]["tasks"]
+    loop_name, loop = next((n, t) for n, t in root_tasks.items() if "parameterIterator" in t)
+    assert loop["iteratorPolicy"] == {"parallelismLimit": 5}
+    assert loop["parameterIterator"]["items"] == {"inputParameter": "pipelinechannel--ingest-Output"}
+    assert loop["inputs"]["parameters"]["pipelinechannel--ingest-Output"]["taskOutputParameter"] == {
+        "outputParameterKey": "Output", "producerTask": "ingest"}
+    assert list(group_tasks(spec, loop)) == ["shard"]
+    shard = group_tasks(spec, loop)["shard"]["inputs"]
+    assert shard["parameters"]["shard"] == {"componentInputParameter": "pipelinechannel--ingest-Output-loop-item"}
+    assert shard["artifacts"]["plan"] == {"componentInputArtifact": "pipelinechannel--ingest-plan"}
+    # merge takes every shard's part (dsl.Collected), and everything downstream reads merge
+    parts = root_tasks["merge"]["inputs"]["artifacts"]["parts"]["taskOutputArtifact"]
+    assert parts["producerTask"] == loop_name
+    assert root_tasks["validate"]["inputs"]["artifacts"]["cleaned"]["taskOutputArtifact"]["producerTask"] == "merge"
+    assert spec["root"]["inputDefinitions"]["parameters"]["shards"]["defaultValue"] == 1
+
+
 def test_image_comes_from_the_builder_and_kfp_is_not_reinstalled(tmp_path: Path) -> None:
     spec = next(yaml.safe_load_all(compile_to(tmp_path, image="registry.example/kiln:test")))
     executors = spec["deploymentSpec"]["executors"]
-    assert len(executors) == 12
+    assert len(executors) == 13
     for name, executor in executors.items():
         container = executor["container"]
         assert container["image"] == "registry.example/kiln:test"
@@ -105,7 +127,7 @@ def test_cli_params_are_typed_and_checked() -> None:
 def test_every_parameter_is_described_for_the_ui(tmp_path: Path) -> None:
     spec = next(yaml.safe_load_all(compile_to(tmp_path)))
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert len(params) == 14
+    assert len(params) == 15
     undescribed = [name for name, p in params.items() if not p.get("description")]
     assert undescribed == []
     assert "default branch" in params["data_rev"]["description"]
@@ -115,7 +137,7 @@ def test_resolve_and_store_readers_are_never_cached(tmp_path: Path) -> None:
     spec = next(yaml.safe_load_all(compile_to(tmp_path)))
     tasks = flat_tasks(spec)
     cached = {name for name, t in tasks.items() if t.get("cachingOptions", {}).get("enableCache")}
-    assert cached == {"ingest", "clean", "validate", "split", "train", "export"}
+    assert cached == {"ingest", "shard", "merge", "validate", "split", "train", "export"}
     # ingest's cache key holds what resolve pinned, not the moving data_rev
     ingest = tasks["ingest"]["inputs"]["parameters"]
     assert ingest["data_commit"]["taskOutputParameter"] == {"outputParameterKey": "data_commit", "producerTask": "resolve"}
@@ -157,12 +179,12 @@ def test_cluster_options_per_task(tmp_path: Path) -> None:
     assert k8s["exec-train"]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert k8s["exec-train"]["emptyDirMounts"] == [{"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory",
                                                     "sizeLimit": "2Gi"}]
-    for name in ("resolve", "ingest"):  # the steps that read the data repository get both secrets
+    for name in ("resolve", "ingest", "shard"):  # the steps that read the data repository get both secrets
         secrets = {s["secretName"]: {e["envVar"]: e["secretKey"] for e in s["keyToEnv"]} for s in k8s[f"exec-{name}"]["secretAsEnv"]}
         assert secrets == {"kiln-dvc-s3": {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
                                            "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"},
                            "kiln-git": {"KILN_GIT_USERNAME": "username", "KILN_GIT_PASSWORD": "password"}}
-    assert all("secretAsEnv" not in k8s.get(f"exec-{n}", {}) for n in ("clean", "train", "deploy"))
+    assert all("secretAsEnv" not in k8s.get(f"exec-{n}", {}) for n in ("merge", "train", "deploy"))
 
 
 def test_without_gpus_train_asks_for_none(tmp_path: Path) -> None:
