@@ -15,6 +15,14 @@ VmHWM reset after the raw table was built), which includes the raw table itself
 
     .venv/bin/python bench/data.py                 # 5k, 50k, 500k -> bench/results/data.json
     .venv/bin/python bench/data.py --sizes 5000 50000
+    .venv/bin/python bench/data.py --shards 4 --sizes 20000   # the sharded path -> data.json "sharded"
+
+``--shards N`` times the sharded path instead (``kiln.shard``): the raw table is split by
+``shard_of`` as the pipeline's plan splits it; each shard's work (``screen_shard``: decode,
+checks, per-image statistics) runs one after another in this process, as one pod each
+would, and then the merge (``merge_frames``: duplicates across shards). Fetching files
+and reading/writing Parquet are not timed. The result goes under ``"sharded"`` in the
+results file (the unsharded rows stay) with a cluster projection: see README.
 """
 
 from __future__ import annotations
@@ -135,12 +143,77 @@ def run_one(n: int) -> dict:
     }
 
 
+def run_sharded(n: int, shards: int) -> dict:
+    """Time each shard's work and the merge on ``n`` images split into ``shards``."""
+    import pandas as pd
+
+    from kiln.shard import merge_frames, screen_shard, shard_of
+
+    raw = build_raw(n)
+    raw["ordinal"] = range(len(raw))
+    assignment = [shard_of(i, shards) for i in raw["id"]]
+    outputs, per_shard = [], []
+    for shard in range(shards):
+        rows = raw[[a == shard for a in assignment]]
+        t0 = time.perf_counter()
+        outputs.append(screen_shard(rows))
+        seconds = time.perf_counter() - t0
+        per_shard.append({"shard": shard, "images": len(rows), "seconds": round(seconds, 3),
+                          "images_per_s": round(len(rows) / seconds, 1)})
+    kept, rejected, stats = (pd.concat([o[i] for o in outputs], ignore_index=True) for i in range(3))
+    t0 = time.perf_counter()
+    clean, _, report, _ = merge_frames(kept, rejected, stats)
+    merge_s = time.perf_counter() - t0
+    slowest = max(r["seconds"] for r in per_shard)
+    return {"n_images": n, "shards": shards, "n_clean": report.n_clean, "per_shard": per_shard,
+            "shard_images_per_s_mean": round(sum(r["images_per_s"] for r in per_shard) / shards, 1),
+            "slowest_shard_s": slowest, "merge_s": round(merge_s, 3),
+            "merge_images_per_s": round(n / merge_s, 1),
+            "all_shards_in_one_process_s": round(sum(r["seconds"] for r in per_shard), 3)}
+
+
+def projection(result: dict, images: int = 60_000_000, parallelism: int = 16, shards: int = 64) -> dict:
+    """Cluster wall time for ``images`` over ``shards`` pods, ``parallelism`` at once, from
+    the measured per-shard and merge throughput; a projection, not a measurement."""
+    per_shard_s = images / shards / result["shard_images_per_s_mean"]
+    waves = -(-shards // parallelism)
+    merge_s = images / result["merge_images_per_s"]
+    return {"images": images, "shards": shards, "parallelism": parallelism,
+            "shard_s": round(per_shard_s, 1), "waves": waves, "merge_s": round(merge_s, 1),
+            "wall_s": round(waves * per_shard_s + merge_s, 1),
+            "assumes": "linear throughput per shard as measured here, pods like this machine's cores, "
+                       "no pod start-up, fetch or artifact transfer time"}
+
+
+def main_sharded(args: argparse.Namespace) -> int:
+    results = [run_sharded(n, args.shards) for n in args.sizes]
+    for r in results:
+        print(f"{r['n_images']:>8} images, {r['shards']} shards: {r['shard_images_per_s_mean']:.0f} images/s per shard "
+              f"(slowest {r['slowest_shard_s']:.2f} s), merge {r['merge_s']:.2f} s")
+    data = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    data["sharded"] = {
+        "benchmark": "kiln.shard screen_shard per shard + merge_frames, in memory",
+        "command": f"python bench/data.py --shards {args.shards} --sizes " + " ".join(str(n) for n in args.sizes),
+        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs",
+        "results": results,
+        "projection": projection(results[-1]),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"projection: {data['sharded']['projection']}")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES))
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: one size, JSON on stdout
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--shards", type=int, help="time the sharded path with this many shards")
     args = parser.parse_args(argv)
+    if args.shards:
+        return main_sharded(args)
     if args.one:
         print(json.dumps(run_one(args.one)))
         return 0
@@ -163,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python bench/data.py --sizes " + " ".join(str(n) for n in args.sizes),
         "results": rows,
     }
+    if args.out.is_file() and "sharded" in (earlier := json.loads(args.out.read_text())):
+        result["sharded"] = earlier["sharded"]  # a --shards run's figures stay
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from kiln.clean import (CleanConfig, CleanReport, REPAIR_COLUMNS, REJECTED_COLUMNS, SCREENED_COLUMNS,
+from kiln.clean import (REJECTED_COLUMNS, REPAIR_COLUMNS, SCREENED_COLUMNS, CleanConfig, CleanReport,
                         resolve_duplicates, screen_rows)
 from kiln.dataset import RAW_COLUMNS, read_table, write_table
 from kiln.ingest import fetch_images, list_data, open_data, raw_table
@@ -88,14 +88,33 @@ def clean_shard(plan_path: str | Path, shard: int, data_repo: str, data_commit: 
                                                           f"{data_commit or '<workspace>'}")
     records = [{**row, "file": None if pd.isna(row["file"]) else row["file"]} for row in rows.to_dict("records")]
     raw = raw_table(records, images.__getitem__)
-    kept, rejected = screen_rows(raw, config)
-    statistics = image_statistics(kept)
-    statistics.insert(0, "ordinal", kept["ordinal"].to_numpy())
+    kept, rejected, statistics = screen_shard(raw, config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, table in (("raw", raw), ("kept", kept), ("rejected", rejected), ("statistics", statistics)):
         write_table(table, out / PART_FILES[name])
     return {"rows": len(raw), "kept": len(kept), "rejected": len(rejected), "files": len(names)}
+
+
+def screen_shard(raw: pd.DataFrame, config: CleanConfig = CleanConfig()) -> tuple[pd.DataFrame, pd.DataFrame,
+                                                                                   pd.DataFrame]:
+    """A shard's work on its raw rows (with ``ordinal``): (kept, rejected, statistics of
+    the kept images with their ``ordinal``)."""
+    kept, rejected = screen_rows(raw, config)
+    statistics = image_statistics(kept)
+    statistics.insert(0, "ordinal", kept["ordinal"].to_numpy())
+    return kept, rejected, statistics
+
+
+def merge_frames(kept: pd.DataFrame, rejected: pd.DataFrame,
+                 statistics: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, CleanReport, pd.DataFrame]:
+    """Every shard's :func:`screen_shard` outputs, concatenated, as one: (clean table,
+    quarantine, report, statistics of the clean table in its order)."""
+    clean, quarantine, report = resolve_duplicates(kept, rejected)
+    statistics = statistics.set_index("id", drop=False).loc[clean["id"].tolist(), list(STAT_COLUMNS)]
+    statistics = statistics.reset_index(drop=True)
+    statistics = statistics.astype({"id": "string", "computed_sha256": object})  # as image_statistics types them
+    return clean, quarantine, report, statistics
 
 
 def _concat(parts: list[Path], name: str, columns: tuple[str, ...]) -> pd.DataFrame:
@@ -107,13 +126,8 @@ def merge_parts(parts: list[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame, Cl
     """The shards' outputs as one: (clean table, quarantine, report, statistics of the
     clean table in its order), duplicates resolved across every shard."""
     folders = [Path(p) for p in parts]
-    kept = _concat(folders, "kept", SCREENED_COLUMNS)
-    rejected = _concat(folders, "rejected", REJECTED_COLUMNS)
-    clean, quarantine, report = resolve_duplicates(kept, rejected)
-    statistics = _concat(folders, "statistics", ("ordinal", *STAT_COLUMNS)).set_index("id", drop=False)
-    statistics = statistics.loc[clean["id"].tolist(), list(STAT_COLUMNS)].reset_index(drop=True)
-    statistics = statistics.astype({"id": "string", "computed_sha256": object})  # as image_statistics types them
-    return clean, quarantine, report, statistics
+    return merge_frames(_concat(folders, "kept", SCREENED_COLUMNS), _concat(folders, "rejected", REJECTED_COLUMNS),
+                        _concat(folders, "statistics", ("ordinal", *STAT_COLUMNS)))
 
 
 def quarantined_raw(parts: list[str | Path], quarantine: pd.DataFrame) -> pd.DataFrame:
