@@ -92,6 +92,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.load
 def test_sigterm_under_load_drains_and_fails_no_accepted_request(make_store, models, make_digits) -> None:
     root = make_store(production="1")
     port = _free_port()
