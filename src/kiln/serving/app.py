@@ -106,6 +106,14 @@ class ServingState:
             gc.freeze()
         self.reloader.start()
 
+    @asynccontextmanager
+    async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
+        await self.startup()
+        try:
+            yield
+        finally:
+            await self.shutdown()  # uvicorn runs this after in-flight requests have finished
+
     async def shutdown(self) -> None:
         """Stop hot reload, finish queued batches, stop the inference threads."""
         self.begin_drain()
@@ -334,17 +342,15 @@ def create_app(
         max_queue_delay_us=max_queue_delay_us, poll_interval_s=poll_interval_s, freeze_gc=freeze_gc,
     )
 
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await state.startup()
-        try:
-            yield
-        finally:
-            await state.shutdown()  # uvicorn runs this after in-flight requests have finished
+    return _application(state)
 
-    app = FastAPI(title="kiln model server", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+
+def _application(state: ServingState) -> FastAPI:
+    app = FastAPI(
+        title="kiln model server", version=__version__, lifespan=state.lifespan, docs_url=None, redoc_url=None
+    )
     app.state.serving = state
-    app.state.repository = repository
+    app.state.repository = state.repository
     for exc_class, handler in (
         (ApiError, _api_error),
         (StarletteHTTPException, _http_error),
