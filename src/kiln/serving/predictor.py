@@ -1,6 +1,8 @@
 """One stored model version behind an ONNX Runtime session, with a load/ready/predict lifecycle.
 
-The predictor speaks numpy and V2 datatype names; it knows nothing about HTTP. Errors
+The session comes from :mod:`kiln.runtime` (``SessionSettings``), the same code and
+settings evaluation runs the model with. The predictor speaks numpy and V2 datatype
+names; it knows nothing about HTTP. Errors
 are typed so the server can map them: ``InferenceInputError`` is the caller's fault
 (HTTP 400), ``ModelLoadError`` means the version cannot be served, and
 ``InferenceError`` is a failure inside the runtime on valid input.
