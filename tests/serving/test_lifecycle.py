@@ -66,6 +66,16 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.access_log is False
 
 
+def test_help_lists_every_flag_and_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--store", "--model", "--host", "--port", "--no-batching", "--max-queue-delay-us", "--device", "--variant"):
+        assert flag in text, flag
+    assert "KILN_" in text  # says where a flag left out comes from
+
+
 @pytest.mark.parametrize(
     "argv, env",
     [

@@ -57,7 +57,11 @@ INLINE_OUTPUT_ELEMENTS = 4096
 
 class ServingState:
     """What one application serves with: the repository and its reloader, the metrics,
-    one batcher per loaded version, the inference threads, and the drain flag."""
+    one batcher per loaded version, the inference threads, and the drain flag.
+
+    Protocol front ends share it: a route resolves ``predictor()``, feeds
+    ``batcher_for(predictor)`` and counts in ``metrics``; ``draining`` answers readiness.
+    """
 
     def __init__(
         self,
@@ -171,6 +175,7 @@ class ServingState:
         return response
 
     async def _infer(self, request: Request, model: str, version: str | None, labels: list[str]) -> Response:
+        """The response to a request; fills ``labels`` (the metrics' model and version) once known."""
         predictor = await self.predictor(model, version)
         labels[:] = [predictor.name, predictor.version]
         batcher = self.batcher_for(predictor)
