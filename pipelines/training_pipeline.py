@@ -75,8 +75,8 @@ def build_pipeline(image: str = DEFAULT_IMAGE, model_store_pvc: str | None = Non
                         model_type=model_type, epochs=epochs, seed=seed, num_gpus=train_gpus)
         if train_gpus:
             train.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(train_gpus)
-        export = c.export(checkpoint=train.outputs["checkpoint"], val_set=split.outputs["val_set"],
-                          test_set=split.outputs["test_set"], data_version=ingest.outputs["data_version"])
+        export = c.export(checkpoint=train.outputs["checkpoint"], train_set=split.outputs["train_set"],
+                          val_set=split.outputs["val_set"], data_version=ingest.outputs["data_version"])
         evaluate = c.evaluate(onnx_model=export.outputs["onnx_model"], test_set=split.outputs["test_set"],
                               min_accuracy=min_accuracy, min_macro_recall=min_macro_recall,
                               min_class_recall=min_class_recall, model_store=model_store, model_name=model_name,

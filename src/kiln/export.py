@@ -1,6 +1,6 @@
 """Export a training checkpoint to one self-contained ONNX file, and prove it matches.
 
-The exported graph is :class:`kiln.train.ServingModel`: uint8 ``pixels`` [N, 28, 28]
+The exported graph is :class:`kiln.models.ServingModel`: uint8 ``pixels`` [N, 28, 28]
 in, ``probabilities`` float32 [N, 10] and ``label`` int64 [N] out, opset
 ``contract.ONNX_OPSET``, with a dynamic batch dimension (see :mod:`kiln.contract`).
 
@@ -9,6 +9,10 @@ An export is only written under its final name after it has passed
 against the contract, and a parity check: ONNX Runtime on CPU and PyTorch must agree
 on every validation image (probabilities within ``atol``, identical labels) at batch
 sizes 1, 7 and 1024 as well as over the whole table.
+
+Data roles: the parity gate and the choice of int8/fp16 variants run on the
+validation split (int8 calibration on training images); the test split is left to the
+final evaluation, so the figures reported there are not the ones variants were picked on.
 """
 
 from __future__ import annotations
@@ -149,7 +153,8 @@ def check_parity(
     number of disagreeing labels. Also raises :class:`ExportError` if the outputs'
     dtypes or shapes are not the contract's.
     """
-    from kiln.train import ServingModel, load_checkpoint
+    from kiln.checkpoint import load_checkpoint
+    from kiln.models import ServingModel
 
     if len(val_df) == 0:
         raise ValueError("parity check needs at least one validation image")
@@ -243,22 +248,24 @@ def export_onnx(
     metadata: Mapping[str, str],
     atol: float = 1e-4,
 ) -> ExportReport:
-    """Export the checkpoint's :class:`~kiln.train.ServingModel` to ``onnx_path``.
+    """Export the checkpoint's :class:`~kiln.models.ServingModel` to ``onnx_path``.
 
     ``metadata`` (e.g. ``data_version``) is written to the model's ``metadata_props``
-    beside ``kiln_version``, ``git_commit`` (:func:`kiln.deploy.git_commit` unless
+    beside ``kiln_version``, ``git_commit`` (:func:`kiln.provenance.git_commit` unless
     ``metadata`` names one), ``train_config`` (JSON), ``train_metrics`` (JSON: the best
     epoch's validation loss and accuracy), ``class_labels`` (JSON list), ``onnx_opset``
     and ``contract``; its keys must be strings that are not in :data:`RESERVED_METADATA`
-    and its values strings. ``val_df`` is the table the parity gate runs over (the
-    export step passes the test split).
+    and its values strings. ``val_df`` is the table the parity gate runs over: the
+    validation split (the test split stays untouched until final evaluation).
 
     The file is written under a temporary name and renamed to ``onnx_path`` only after
     ``onnx.checker`` (full), the contract check and :func:`check_parity` pass; on any
     failure nothing is left at ``onnx_path`` and :class:`ExportError` or
     :class:`ExportParityError` is raised.
     """
-    from kiln.train import ServingModel, load_checkpoint
+    from kiln.checkpoint import load_checkpoint, read_checkpoint
+    from kiln.models import ServingModel
+    from kiln.provenance import git_commit
 
     onnx_path = Path(onnx_path)
     clash = sorted(set(metadata) & set(RESERVED_METADATA))
@@ -267,9 +274,6 @@ def export_onnx(
     bad = {k: type(v).__name__ for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)}
     if bad:
         raise ValueError(f"metadata must map str to str; offending entries (value types): {bad}")
-
-    from kiln.deploy import git_commit
-    from kiln.train import read_checkpoint
 
     config, net = load_checkpoint(checkpoint_path)
     proto = _export_proto(ServingModel(net).eval())
@@ -282,7 +286,7 @@ def export_onnx(
     props = {
         "kiln_version": kiln.__version__,
         "git_commit": git_commit(),
-        "train_config": json.dumps(config.to_dict(), sort_keys=True),
+        "train_config": json.dumps(config, sort_keys=True),
         "train_metrics": json.dumps(train_metrics, sort_keys=True),
         "class_labels": json.dumps(list(CLASS_LABELS)),
         "onnx_opset": str(ONNX_OPSET),
@@ -341,18 +345,18 @@ __all__ = [
 ]
 
 
-def run_export(checkpoint_path: str | Path, onnx_path: str | Path, parity_path: str | Path,
+def run_export(checkpoint_path: str | Path, onnx_path: str | Path, val_path: str | Path,
                metadata: Mapping[str, str]) -> ExportReport:
-    """File-level entry point of the export step: checkpoint + the table of the parity
-    gate (the test split in the pipeline) -> checked ONNX file."""
-    return export_onnx(checkpoint_path, onnx_path, read_table(parity_path, CLEAN_COLUMNS), metadata)
+    """File-level entry point of the export step: checkpoint + the validation split (the
+    parity gate's table) -> checked ONNX file."""
+    return export_onnx(checkpoint_path, onnx_path, read_table(val_path, CLEAN_COLUMNS), metadata)
 
 
 # --------------------------------------------------------------------------- variants
 
 MAX_VARIANT_ACCURACY_DROP = 0.003
 """A variant ships only if its accuracy is at most this much (a fraction: 0.3 points)
-below the fp32 model's on the same table."""
+below the fp32 model's on the same (validation) table."""
 
 VARIANTS = ("int8", "fp16", "int8_dynamic")
 """Variants :func:`export_variants` can build: ``int8`` (static QDQ quantisation,
@@ -429,15 +433,17 @@ def _convert_fp16(src: Path, dst: Path, calibration: np.ndarray) -> str:
 def export_variants(
     onnx_path: str | Path,
     out_dir: str | Path,
-    eval_df: pd.DataFrame,
+    val_df: pd.DataFrame,
     max_drop: float = MAX_VARIANT_ACCURACY_DROP,
     variants: Sequence[str] = DEFAULT_VARIANTS,
     calibration_df: pd.DataFrame | None = None,
 ) -> dict[str, Any]:
     """Build reduced-precision variants of the exported model in ``out_dir`` and score
-    each against the fp32 model on the clean table ``eval_df``. Static int8 is calibrated
-    on the first :data:`CALIBRATION_IMAGES` images of ``calibration_df`` (default:
-    ``eval_df``; pass another table to keep calibration and scoring apart).
+    each against the fp32 model on the validation table ``val_df`` (never the test
+    split: the choice must not be made on the images final metrics are reported on).
+    Static int8 is calibrated on the first :data:`CALIBRATION_IMAGES` images of
+    ``calibration_df`` (default: ``val_df``; the pipeline passes the training split, to
+    keep calibration and scoring apart).
 
     Returns a JSON-safe dict (also written to ``out_dir/variants.json``)::
 
@@ -456,13 +462,13 @@ def export_variants(
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; known: {list(VARIANTS)}")
-    if len(eval_df) == 0:
-        raise ValueError("variants need at least one evaluation image")
+    if len(val_df) == 0:
+        raise ValueError("variants need at least one validation image")
     out_dir.mkdir(parents=True, exist_ok=True)
-    pixels, labels = to_arrays(eval_df)
+    pixels, labels = to_arrays(val_df)
     _, base_pred = predict_onnx(onnx_path, pixels)
     base_acc = float(np.mean(base_pred == labels))
-    calibration_pixels = to_arrays(eval_df if calibration_df is None else calibration_df)[0][:CALIBRATION_IMAGES]
+    calibration_pixels = to_arrays(val_df if calibration_df is None else calibration_df)[0][:CALIBRATION_IMAGES]
     builders = {"int8": _quantize_int8_static, "fp16": _convert_fp16, "int8_dynamic": _quantize_int8_dynamic}
     results: dict[str, dict[str, Any]] = {}
     for name in variants:
@@ -504,9 +510,10 @@ def export_variants(
     return report
 
 
-def run_export_variants(onnx_path: str | Path, out_dir: str | Path, eval_path: str | Path,
+def run_export_variants(onnx_path: str | Path, out_dir: str | Path, val_path: str | Path,
                         calibration_path: str | Path | None = None) -> dict[str, Any]:
-    """File-level entry point: exported model + clean table(s) -> ``out_dir`` of variants,
-    scored on ``eval_path``, int8 calibrated on ``calibration_path`` (default: the same)."""
+    """File-level entry point: exported model + clean tables -> ``out_dir`` of variants,
+    scored on the validation split ``val_path``, int8 calibrated on ``calibration_path``
+    (the training split in the pipeline; default: ``val_path``)."""
     calibration = None if calibration_path is None else read_table(calibration_path, CLEAN_COLUMNS)
-    return export_variants(onnx_path, out_dir, read_table(eval_path, CLEAN_COLUMNS), calibration_df=calibration)
+    return export_variants(onnx_path, out_dir, read_table(val_path, CLEAN_COLUMNS), calibration_df=calibration)
