@@ -71,6 +71,19 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def read_resume_state(path: str | Path, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``resume`` part of a checkpoint written with training config ``config`` (a
+    dict); :class:`CheckpointError` if it has none or was trained with another config,
+    since the schedule and augmentation depend on every field."""
+    ckpt = read_checkpoint(path)
+    if "resume" not in ckpt:
+        raise CheckpointError(f"{path} holds no resume state (written by an older kiln?)")
+    if ckpt["config"] != dict(config):
+        diff = sorted(k for k in config if ckpt["config"].get(k) != config[k])
+        raise CheckpointError(f"cannot resume {path}: it was trained with a different config (fields {diff})")
+    return ckpt["resume"]
+
+
 def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], nn.Module]:
     """``(config dict, network)`` from a checkpoint written by :func:`kiln.train.train`.
 
@@ -90,4 +103,4 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], nn.Module]:
     return dict(config), model.eval()
 
 
-__all__ = ["CheckpointError", "load_checkpoint", "read_checkpoint", "save_atomically", "weights_sha256"]
+__all__ = ["CheckpointError", "load_checkpoint", "read_checkpoint", "read_resume_state", "save_atomically", "weights_sha256"]

@@ -7,6 +7,8 @@ every helper is then a no-op.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -118,4 +120,13 @@ def sync_epoch(loss_sum: float, net: nn.Module, ddp: Dist, device: torch.device)
     return float(total.item())
 
 
-__all__ = ["Dist", "deterministic", "rank_device", "rank_slice", "resolve_device", "setup_distributed", "sync_epoch"]
+def launch(module_args: list[str], nproc: int) -> None:
+    """Run ``python -m <module_args>`` under ``torchrun --standalone --nproc-per-node
+    nproc`` (one process per GPU on CUDA, gloo ranks on CPU); RuntimeError if it fails."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", *module_args]
+    proc = subprocess.run(cmd, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"distributed training failed (exit {proc.returncode}): {' '.join(cmd)}")
+
+
+__all__ = ["Dist", "deterministic", "launch", "rank_device", "rank_slice", "resolve_device", "setup_distributed", "sync_epoch"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import json
 import math
 import os
 import sys
@@ -29,11 +30,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import kiln
-from kiln.checkpoint import CheckpointError, read_checkpoint, save_atomically, weights_sha256
+from kiln.checkpoint import read_checkpoint, read_resume_state, save_atomically, weights_sha256
 from kiln.augment import random_rotate, random_shift
 from kiln.contract import IMAGE_SIZE, NUM_CLASSES
 from kiln.dataset import CLEAN_COLUMNS, read_table, to_arrays
-from kiln.distributed import Dist, deterministic, rank_device, rank_slice, setup_distributed, sync_epoch
+from kiln.distributed import Dist, deterministic, launch, rank_device, rank_slice, setup_distributed, sync_epoch
 from kiln.models import MODEL_TYPES, Preprocess, build_model
 
 MODELS = MODEL_TYPES
@@ -92,34 +93,28 @@ class TrainConfig:
     whose activations stay in cache is fastest, see bench/results/train.json)."""
 
     def __post_init__(self) -> None:
-        if self.model not in MODELS:
-            raise ValueError(f"TrainConfig.model must be one of {MODELS}, got {self.model!r}")
-        if self.device not in DEVICES:
-            raise ValueError(f"TrainConfig.device must be one of {DEVICES}, got {self.device!r}")
-        for name in ("epochs", "batch_size", "eval_batch_size"):
+        def bad(name: str, requirement: str) -> ValueError:
+            return ValueError(f"TrainConfig.{name} must be {requirement}, got {getattr(self, name)!r}")
+
+        for name, choices in (("model", MODELS), ("device", DEVICES)):
+            if getattr(self, name) not in choices:
+                raise bad(name, f"one of {choices}")
+        for name, low in (("epochs", 1), ("batch_size", 1), ("eval_batch_size", 1), ("patience", 0), ("max_shift", 0),
+                          ("seed", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}")
-        for name in ("patience", "max_shift", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"TrainConfig.{name} must be a non-negative int, got {value!r}")
-        if self.max_shift >= IMAGE_SIZE:
-            raise ValueError(f"TrainConfig.max_shift must be < {IMAGE_SIZE}, got {self.max_shift}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise bad(name, "a positive int" if low else "a non-negative int")
         for name in ("lr", "weight_decay", "dropout", "max_rotation"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"TrainConfig.{name} must be a finite number, got {value!r}")
-        if self.lr <= 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"TrainConfig.dropout must be in [0, 1), got {self.dropout}")
-        if not 0 <= self.max_rotation <= 45:
-            raise ValueError(f"TrainConfig.max_rotation must be in [0, 45] degrees, got {self.max_rotation}")
-        if not isinstance(self.amp, bool):
-            raise ValueError(f"TrainConfig.amp must be a bool, got {self.amp!r}")
+                raise bad(name, "a finite number")
+        for name, ok, requirement in (
+            ("max_shift", self.max_shift < IMAGE_SIZE, f"< {IMAGE_SIZE}"), ("lr", self.lr > 0, "> 0"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"), ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
+            ("max_rotation", 0 <= self.max_rotation <= 45, "in [0, 45] degrees"), ("amp", isinstance(self.amp, bool), "a bool"),
+        ):
+            if not ok:
+                raise bad(name, requirement)
 
     def to_dict(self) -> dict[str, Any]:
         """All fields as a JSON-safe dict; ``from_dict(to_dict())`` gives an equal config."""
@@ -202,9 +197,6 @@ def _table_tensors(df: pd.DataFrame, name: str, device: torch.device) -> tuple[t
     if device.type == "cuda":  # page-locked host memory: a faster, asynchronous copy to the GPU
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x, y
-
-
-# --------------------------------------------------------------------------- device, determinism, DDP
 
 
 # --------------------------------------------------------------------------- the run
@@ -307,17 +299,6 @@ def _checkpoint(run: _Run) -> dict[str, Any]:
             "kiln_version": kiln.__version__, "resume": resume}
 
 
-def _read_resume_state(path: str | Path, config: TrainConfig) -> dict[str, Any]:
-    """The ``resume`` part of a checkpoint written with ``config``; :class:`CheckpointError` otherwise."""
-    ckpt = read_checkpoint(path)
-    if "resume" not in ckpt:
-        raise CheckpointError(f"{path} holds no resume state (written by an older kiln?)")
-    if ckpt["config"] != config.to_dict():
-        diff = sorted(k for k in config.to_dict() if ckpt["config"].get(k) != getattr(config, k))
-        raise CheckpointError(f"cannot resume {path}: it was trained with a different config (fields {diff})")
-    return ckpt["resume"]
-
-
 def _restore(run: _Run, resume: Mapping[str, Any]) -> None:
     """Continue ``run`` from a checkpoint's ``resume`` state (every rank reads the same file)."""
     run.net.load_state_dict(resume["model"])
@@ -341,7 +322,7 @@ def _epochs(run: _Run, ddp: Dist) -> tqdm:
 def _fit(config: TrainConfig, train_df: pd.DataFrame, val_df: pd.DataFrame, checkpoint_path: Path,
          log: Callable[[str], None], resume_from: str | Path | None, ddp: Dist, device: torch.device) -> _Run:
     """The training loop proper (see :func:`train`)."""
-    resume = _read_resume_state(resume_from, config) if resume_from is not None else None
+    resume = read_resume_state(resume_from, config.to_dict()) if resume_from is not None else None
     train_x, train_y = _table_tensors(train_df, "train", device)
     val_x, val_y = _table_tensors(val_df, "val", device)
     log(f"train: {len(train_y)} training and {len(val_y)} validation images")
@@ -431,20 +412,8 @@ def train(
     )
 
 
-__all__ = [
-    "DEVICES",
-    "MODELS",
-    "TrainConfig",
-    "TrainResult",
-    "curves_png",
-    "main",
-    "random_rotate",
-    "random_shift",
-    "resolve_device",
-    "run_train",
-    "train",
-    "write_curves",
-]
+__all__ = ["DEVICES", "MODELS", "TrainConfig", "TrainResult", "curves_png", "main", "run_train", "train",
+           "write_curves"]
 
 
 def curves_png(history: list[Mapping[str, float]], best_epoch: int | None = None) -> bytes:
@@ -505,21 +474,13 @@ def write_curves(history: list[Mapping[str, float]], path: str | Path, best_epoc
 def _run_torchrun(
     train_path: str | Path, val_path: str | Path, checkpoint_path: str | Path, config: TrainConfig, nproc: int
 ) -> TrainResult:
-    """Run ``python -m kiln.train`` under ``torchrun --standalone --nproc-per-node nproc``
-    and return rank 0's TrainResult. Raises RuntimeError if the job fails."""
-    import json
-    import subprocess
-
+    """:func:`main` in ``nproc`` processes (:func:`kiln.distributed.launch`); rank 0's TrainResult."""
     with tempfile.TemporaryDirectory(prefix="kiln-ddp-") as tmp:
         result_path = Path(tmp) / "result.json"
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "kiln.train", "--train", str(train_path), "--val", str(val_path),
-            "--checkpoint", str(checkpoint_path), "--config", json.dumps(config.to_dict()), "--result", str(result_path),
-        ]
-        proc = subprocess.run(cmd, check=False)
-        if proc.returncode != 0 or not result_path.is_file():
-            raise RuntimeError(f"distributed training failed (exit {proc.returncode}): {' '.join(cmd)}")
+        launch(["kiln.train", "--train", str(train_path), "--val", str(val_path), "--checkpoint", str(checkpoint_path),
+                "--config", json.dumps(config.to_dict()), "--result", str(result_path)], nproc)
+        if not result_path.is_file():
+            raise RuntimeError(f"distributed training wrote no result to {result_path}")
         data = json.loads(result_path.read_text())
     data.pop("rank", None)
     data["checkpoint_path"] = Path(data["checkpoint_path"])
@@ -573,7 +534,6 @@ def main(argv: list[str] | None = None) -> int:
     rank 0 writes it).
     """
     import argparse
-    import json
 
     parser = argparse.ArgumentParser(prog="python -m kiln.train", description=main.__doc__)
     parser.add_argument("--train", required=True, help="clean training table (Parquet)")
