@@ -265,7 +265,6 @@ def export_onnx(
     """
     from kiln.checkpoint import load_checkpoint, read_checkpoint
     from kiln.models import ServingModel
-    from kiln.provenance import git_commit
 
     onnx_path = Path(onnx_path)
     clash = sorted(set(metadata) & set(RESERVED_METADATA))
@@ -277,36 +276,12 @@ def export_onnx(
 
     config, net = load_checkpoint(checkpoint_path)
     proto = _export_proto(ServingModel(net).eval())
-    ckpt = read_checkpoint(checkpoint_path)
-    best = next((row for row in ckpt.get("history", []) if row.get("epoch") == ckpt.get("best_epoch")), {})
-    train_metrics = {"best_epoch": ckpt.get("best_epoch"),
-                     **{k: best[k] for k in ("val_loss", "val_accuracy") if k in best}}
-
-    # Metadata travels inside the file, so a model found on disk explains itself.
-    props = {
-        "kiln_version": kiln.__version__,
-        "git_commit": git_commit(),
-        "train_config": json.dumps(config, sort_keys=True),
-        "train_metrics": json.dumps(train_metrics, sort_keys=True),
-        "class_labels": json.dumps(list(CLASS_LABELS)),
-        "onnx_opset": str(ONNX_OPSET),
-        "contract": f"{INPUT_NAME}: uint8[N,{IMAGE_SIZE},{IMAGE_SIZE}] -> "
-        f"{PROBABILITIES_NAME}: float32[N,{NUM_CLASSES}], {LABEL_NAME}: int64[N]",
-        **dict(metadata),
-    }
+    props = _lineage(config, read_checkpoint(checkpoint_path), metadata)
     del proto.metadata_props[:]
     for key, value in props.items():
         proto.metadata_props.add(key=key, value=value)
     proto.doc_string = "kiln digit classifier; " + props["contract"]
-
-    try:
-        # full_check runs strict shape inference too; infer_shapes(strict) makes sure
-        # every intermediate value gets a type, which some runtimes rely on.
-        onnx.checker.check_model(proto, full_check=True)
-        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise ExportError(f"exported graph fails onnx.checker: {e}") from e
-    check_onnx_contract(proto)
+    _check_graph(proto)
 
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{onnx_path.name}.", suffix=".onnx", dir=onnx_path.parent)
@@ -319,6 +294,39 @@ def export_onnx(
     finally:
         tmp.unlink(missing_ok=True)
     return report
+
+
+def _lineage(config: Mapping[str, Any], ckpt: Mapping[str, Any], metadata: Mapping[str, str]) -> dict[str, str]:
+    """The ``metadata_props`` of an export: metadata travels inside the file, so a model
+    found on disk explains itself (code, data, training config and metrics, labels)."""
+    from kiln.provenance import git_commit
+
+    best = next((row for row in ckpt.get("history", []) if row.get("epoch") == ckpt.get("best_epoch")), {})
+    train_metrics = {"best_epoch": ckpt.get("best_epoch"),
+                     **{k: best[k] for k in ("val_loss", "val_accuracy") if k in best}}
+    return {
+        "kiln_version": kiln.__version__,
+        "git_commit": git_commit(),
+        "train_config": json.dumps(dict(config), sort_keys=True),
+        "train_metrics": json.dumps(train_metrics, sort_keys=True),
+        "class_labels": json.dumps(list(CLASS_LABELS)),
+        "onnx_opset": str(ONNX_OPSET),
+        "contract": f"{INPUT_NAME}: uint8[N,{IMAGE_SIZE},{IMAGE_SIZE}] -> "
+        f"{PROBABILITIES_NAME}: float32[N,{NUM_CLASSES}], {LABEL_NAME}: int64[N]",
+        **dict(metadata),
+    }
+
+
+def _check_graph(proto: onnx.ModelProto) -> None:
+    """onnx.checker (full) and strict shape inference, then the contract; ExportError otherwise."""
+    try:
+        # full_check runs strict shape inference too; infer_shapes(strict) makes sure
+        # every intermediate value gets a type, which some runtimes rely on.
+        onnx.checker.check_model(proto, full_check=True)
+        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ExportError(f"exported graph fails onnx.checker: {e}") from e
+    check_onnx_contract(proto)
 
 
 def read_metadata(onnx_path: str | Path) -> dict[str, str]:
