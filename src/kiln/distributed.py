@@ -76,7 +76,7 @@ def deterministic(device: torch.device) -> Iterator[None]:
     after. Some CUDA kernels have no deterministic version: warn there instead of failing.
     Deterministic mode would also fill every new tensor with NaN (to expose reads of
     uninitialised memory); no op here reads unwritten memory and the fill is a sizeable
-    share of a CPU step (bench/results/train.json), so it stays off."""
+    share of a CPU step (README, Benchmarks), so it stays off."""
     before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
               torch.utils.deterministic.fill_uninitialized_memory)
     torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")

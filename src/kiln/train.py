@@ -90,7 +90,7 @@ class TrainConfig:
 
     eval_batch_size: int = 256
     """Batch size for validation passes; only affects speed and memory (on CPU a batch
-    whose activations stay in cache is fastest, see bench/results/train.json)."""
+    whose activations stay in cache beats a larger one)."""
 
     def __post_init__(self) -> None:
         def bad(name: str, requirement: str) -> ValueError:

@@ -317,6 +317,15 @@ def ddp_tables(tables, tmp_path_factory):
     return d, small_train, small_val
 
 
+def test_rank_slices_partition_the_global_batch_in_order() -> None:
+    from kiln.distributed import Dist, rank_slice
+
+    batch = torch.arange(10)
+    assert rank_slice(batch, Dist()) is batch  # one process: the whole batch
+    parts = [rank_slice(batch, Dist(rank=r, world_size=3)) for r in range(3)]
+    assert [p.tolist() for p in parts] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+
+
 def test_ddp_two_ranks_match_single_process_run(ddp_tables) -> None:
     d, small_train, small_val = ddp_tables
     # no dropout and no BatchNorm: the only difference left is reduction order
