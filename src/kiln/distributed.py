@@ -1,7 +1,8 @@
-"""Where a training process runs: its device, and its place in a torch.distributed job.
+"""Where a training process runs: its device, its determinism switches, and its place
+in a torch.distributed job.
 
-:func:`kiln.train.train` calls these around its loop; a plain run is rank 0 of 1 and
-every helper is then a no-op.
+:func:`kiln.train.train` calls these around its loop; a plain run is rank 0 of 1, for
+which the DDP helpers change nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("TrainConfig.device is 'cuda' but torch.cuda.is_available() is False")
     return torch.device(device)
-
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,10 @@ Data validation runs on these statistics rather than on the pixels: one narrow r
 image (a dozen columns) instead of 784 pixel columns keeps Great Expectations fast
 (hundreds of times fewer metric computations), while still seeing every property the
 suite checks: shape, brightness, contrast, amount of ink and identity of the content.
+
+The drift reference (:func:`reference_statistics`, stored with each deployed model by
+:func:`save_reference_statistics`) is the same table without ids and hashes; it lives
+here because deploy writes it and drift reads it, and neither stage imports the other.
 """
 
 from __future__ import annotations
