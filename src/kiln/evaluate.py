@@ -85,6 +85,9 @@ class Evaluation:
     roc_auc_ovr_macro: float | None = None
     """One-vs-rest ROC AUC averaged over classes with equal weight; None when it is
     undefined (some class has no test image)."""
+    expected_calibration_error: float = math.nan
+    """How far the confidence of the predicted class is from its accuracy, see
+    :func:`expected_calibration_error` (0: confidences are frequencies)."""
     champion: dict[str, Any] | None = None
     """When a production model was compared: its ``accuracy``, ``n``, the ``tolerance``
     and ``accuracy_delta`` (challenger - champion); None when there was no champion."""
@@ -101,6 +104,7 @@ class Evaluation:
             "recall_weighted": self.recall_weighted,
             "f1_weighted": self.f1_weighted,
             "roc_auc_ovr_macro": self.roc_auc_ovr_macro,
+            "expected_calibration_error": self.expected_calibration_error,
             "per_class_precision": dict(self.per_class_precision),
             "per_class_recall": dict(self.per_class_recall),
             "per_class_f1": dict(self.per_class_f1),
@@ -115,61 +119,27 @@ class Evaluation:
 
 
 def onnx_providers() -> list[str]:
-    """ONNX Runtime providers to request: CUDA first only when a GPU is really usable.
+    """ONNX Runtime providers evaluation asks for: the server's answer (the NVIDIA driver's
+    GPU list, see :func:`kiln.runtime.providers_for`)."""
+    from kiln.runtime import providers_for
 
-    onnxruntime-gpu lists ``CUDAExecutionProvider`` even on machines without a GPU (and
-    then falls back with a warning), so ask torch whether CUDA works.
-    """
-    import onnxruntime as ort
-
-    try:
-        import torch
-
-        cuda = torch.cuda.is_available()
-    except ImportError:
-        cuda = False
-    if cuda and "CUDAExecutionProvider" in ort.get_available_providers():
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+    return providers_for("auto")
 
 
 def predict_onnx(onnx_path: str | Path, pixels: np.ndarray, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Run the ONNX model on uint8 pixels [N, 28, 28] in batches.
+    """Run the ONNX model on uint8 pixels [N, 28, 28] in batches, in a session built
+    exactly as the server builds it (:func:`kiln.runtime.predict`).
 
     Returns (probabilities float32 [N, 10], label int64 [N]). Raises
     :class:`EvaluationError` if the file is missing or its interface is not the
     contract's.
     """
-    import onnxruntime as ort
+    from kiln.runtime import ContractError, SessionError, predict
 
-    onnx_path = Path(onnx_path)
-    if not onnx_path.is_file():
-        raise EvaluationError(f"ONNX model not found: {onnx_path}")
     try:
-        session = ort.InferenceSession(str(onnx_path), providers=onnx_providers())
-    except Exception as e:  # onnxruntime raises its own exception types
-        raise EvaluationError(f"ONNX Runtime cannot load {onnx_path}: {e}") from e
-    inputs = [i.name for i in session.get_inputs()]
-    outputs = {o.name for o in session.get_outputs()}
-    if inputs != [INPUT_NAME] or not {PROBABILITIES_NAME, LABEL_NAME} <= outputs:
-        raise EvaluationError(
-            f"{onnx_path} has inputs {inputs} and outputs {sorted(outputs)}; "
-            f"the contract wants [{INPUT_NAME!r}] -> {PROBABILITIES_NAME}, {LABEL_NAME}"
-        )
-    if pixels.dtype != np.uint8 or pixels.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise EvaluationError(f"pixels must be uint8 [N, {IMAGE_SIZE}, {IMAGE_SIZE}], got {pixels.dtype}{pixels.shape}")
-    probs = [np.zeros((0, NUM_CLASSES), np.float32)]
-    labels = [np.zeros(0, np.int64)]
-    for start in range(0, len(pixels), batch_size):
-        p, y = session.run([PROBABILITIES_NAME, LABEL_NAME], {INPUT_NAME: pixels[start : start + batch_size]})
-        probs.append(p)
-        labels.append(y)
-    probabilities, label = np.concatenate(probs), np.concatenate(labels)
-    if probabilities.shape != (len(pixels), NUM_CLASSES) or label.shape != (len(pixels),):
-        raise EvaluationError(f"{onnx_path} returned shapes {probabilities.shape}, {label.shape} for {len(pixels)} images")
-    if len(label) and (label.min() < 0 or label.max() >= NUM_CLASSES):
-        raise EvaluationError(f"{onnx_path} predicted labels outside [0, {NUM_CLASSES})")
-    return probabilities, label.astype(np.int64)
+        return predict(onnx_path, pixels, batch_size=batch_size)
+    except (SessionError, ContractError) as e:
+        raise EvaluationError(str(e)) from e
 
 
 def _check(name: str, what: str, observed: float, required: float) -> tuple[bool, str]:
@@ -210,7 +180,7 @@ def evaluate_onnx(
 ) -> Evaluation:
     """Run the ONNX model over the clean table ``test_df`` and score it.
 
-    Metrics are computed by scikit-learn over all ten classes. ``blessed`` is True only
+    Metrics come from :func:`classification_metrics`. ``blessed`` is True only
     if every class has at least one test image (otherwise its recall means nothing)
     and accuracy, macro recall and every per-class recall reach ``thresholds``, and,
     when ``champion_onnx_path`` (the production model) is given, the challenger's
@@ -227,49 +197,19 @@ def evaluate_onnx(
         raise EvaluationError(f"test labels outside [0, {NUM_CLASSES}): {sorted(set(y_true.tolist()))}")
     probabilities, y_pred = predict_onnx(onnx_path, pixels)
 
-    # --- metrics (scikit-learn; all ten classes, absent ones included) ---
-    class_ids = list(range(NUM_CLASSES))
-    accuracy = float(accuracy_score(y_true, y_pred))
-    precision, recall, f1, _ = precision_recall_fscore_support(
-        y_true, y_pred, labels=class_ids, average="macro", zero_division=0
-    )
-    class_precision, class_recall, class_f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=class_ids, average=None, zero_division=0
-    )
-    w_precision, w_recall, w_f1, _ = precision_recall_fscore_support(
-        y_true, y_pred, labels=class_ids, average="weighted", zero_division=0
-    )
-    matrix = confusion_matrix(y_true, y_pred, labels=class_ids)
-
-    # --- blessing: every check is recorded, passing or not ---
-    labels = list(CLASS_LABELS)
-    results = [
-        _check("min_accuracy", "accuracy", accuracy, thresholds.min_accuracy),
-        _check("min_macro_recall", "macro recall", float(recall), thresholds.min_macro_recall),
-    ]
-    missing = [labels[i] for i in class_ids if support[i] == 0]
-    results.append(
-        (not missing, f"FAIL class coverage: no test images for class(es) {missing}")
-        if missing
-        else (True, f"PASS class coverage: all {NUM_CLASSES} classes have test images")
-    )
-    for i in class_ids:
-        if support[i]:
-            results.append(
-                _check("min_class_recall", f"recall of class {labels[i]}", float(class_recall[i]), thresholds.min_class_recall)
-            )
-
+    metrics = classification_metrics(y_true, y_pred, probabilities)
+    results = _threshold_checks(metrics, thresholds)
     champion = None
     if champion_onnx_path is not None:
         _, champion_pred = predict_onnx(champion_onnx_path, pixels)
         champion_accuracy = float(accuracy_score(y_true, champion_pred))
-        results.append(champion_check(accuracy, champion_accuracy, float(tolerance)))
+        results.append(champion_check(metrics["accuracy"], champion_accuracy, float(tolerance)))
         champion = {
             "onnx_path": str(champion_onnx_path),
             "accuracy": champion_accuracy,
             "n": len(y_true),
             "tolerance": float(tolerance),
-            "accuracy_delta": accuracy - champion_accuracy,
+            "accuracy_delta": metrics["accuracy"] - champion_accuracy,
         }
 
     predictions = pd.DataFrame(
@@ -282,35 +222,95 @@ def evaluate_onnx(
     )
     return Evaluation(
         n=len(y_true),
-        accuracy=accuracy,
-        precision_macro=float(precision),
-        recall_macro=float(recall),
-        f1_macro=float(f1),
-        per_class_recall={labels[i]: float(class_recall[i]) for i in class_ids},
-        support={labels[i]: int(support[i]) for i in class_ids},
-        confusion_matrix=matrix.astype(int).tolist(),
-        labels=labels,
+        labels=list(CLASS_LABELS),
         predictions=predictions,
         blessed=all(ok for ok, _ in results),
         reasons=[reason for _, reason in results],
         thresholds=thresholds,
-        per_class_precision={labels[i]: float(class_precision[i]) for i in class_ids},
-        per_class_f1={labels[i]: float(class_f1[i]) for i in class_ids},
-        precision_weighted=float(w_precision),
-        recall_weighted=float(w_recall),
-        f1_weighted=float(w_f1),
-        roc_auc_ovr_macro=_roc_auc(y_true, probabilities),
         champion=champion,
+        **metrics,
     )
+
+
+ECE_BINS = 15
+"""Equal-width confidence bins of :func:`expected_calibration_error` (the usual 15)."""
+
+
+def expected_calibration_error(y_true: np.ndarray, y_pred: np.ndarray, confidence: np.ndarray,
+                               bins: int = ECE_BINS) -> float:
+    """Expected calibration error (Guo et al., 2017): images are put in ``bins``
+    equal-width bins (lo, hi] by the confidence of their predicted class, and
+    ``ECE = sum_b |B_b| / N * |accuracy(B_b) - mean confidence(B_b)|``. 0 when every
+    confidence is the frequency with which such predictions are right. scikit-learn
+    has no multi-class ECE (``calibration_curve`` is binary), hence these few lines."""
+    if len(y_true) == 0:
+        return math.nan
+    confidence = np.asarray(confidence, dtype=np.float64)
+    which = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)  # (lo, hi]; 0 goes to bin 0
+    correct = (np.asarray(y_pred) == np.asarray(y_true)).astype(np.float64)
+    gap = np.bincount(which, weights=correct, minlength=bins) - np.bincount(which, weights=confidence, minlength=bins)
+    return float(np.abs(gap).sum() / len(y_true))
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
+    """Every metric field of :class:`Evaluation`, computed over all ten classes (absent
+    ones included, scoring 0 where undefined) by scikit-learn, plus ECE. ``labels``
+    of the per-class dicts are ``contract.CLASS_LABELS``."""
+    class_ids, labels = list(range(NUM_CLASSES)), list(CLASS_LABELS)
+
+    def prf(average: str | None) -> tuple:
+        return precision_recall_fscore_support(y_true, y_pred, labels=class_ids, average=average, zero_division=0)
+
+    (precision, recall, f1, _), (c_precision, c_recall, c_f1, support) = prf("macro"), prf(None)
+    w_precision, w_recall, w_f1, _ = prf("weighted")
+    confidence = probabilities[np.arange(len(y_pred)), y_pred]
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "precision_macro": float(precision),
+        "recall_macro": float(recall),
+        "f1_macro": float(f1),
+        "per_class_recall": {labels[i]: float(c_recall[i]) for i in class_ids},
+        "support": {labels[i]: int(support[i]) for i in class_ids},
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=class_ids).astype(int).tolist(),
+        "per_class_precision": {labels[i]: float(c_precision[i]) for i in class_ids},
+        "per_class_f1": {labels[i]: float(c_f1[i]) for i in class_ids},
+        "precision_weighted": float(w_precision),
+        "recall_weighted": float(w_recall),
+        "f1_weighted": float(w_f1),
+        "roc_auc_ovr_macro": _roc_auc(y_true, probabilities),
+        "expected_calibration_error": expected_calibration_error(y_true, y_pred, confidence),
+    }
+
+
+def _threshold_checks(metrics: Mapping[str, Any], thresholds: Thresholds) -> list[tuple[bool, str]]:
+    """Every threshold check, passing or not: accuracy, macro recall, class coverage and
+    the recall of each class that has test images."""
+    results = [
+        _check("min_accuracy", "accuracy", metrics["accuracy"], thresholds.min_accuracy),
+        _check("min_macro_recall", "macro recall", metrics["recall_macro"], thresholds.min_macro_recall),
+    ]
+    missing = [label for label, n in metrics["support"].items() if n == 0]
+    results.append(
+        (False, f"FAIL class coverage: no test images for class(es) {missing}")
+        if missing
+        else (True, f"PASS class coverage: all {NUM_CLASSES} classes have test images")
+    )
+    for label, recall in metrics["per_class_recall"].items():
+        if metrics["support"][label]:
+            results.append(_check("min_class_recall", f"recall of class {label}", recall, thresholds.min_class_recall))
+    return results
 
 
 __all__ = [
     "DEFAULT_CHAMPION_TOLERANCE",
+    "ECE_BINS",
     "Evaluation",
     "EvaluationError",
     "Thresholds",
     "champion_check",
+    "classification_metrics",
     "evaluate_onnx",
+    "expected_calibration_error",
     "onnx_providers",
     "predict_onnx",
     "production_onnx_path",
@@ -328,6 +328,7 @@ SCALAR_METRICS = (
     "precision_weighted",
     "recall_weighted",
     "f1_weighted",
+    "expected_calibration_error",
 )
 
 
