@@ -4,7 +4,7 @@ from kfp.dsl import HTML, ClassificationMetrics, Dataset, Input, Markdown, Metri
 def evaluate(onnx_model: Input[Model], test_set: Input[Dataset], min_accuracy: float, min_macro_recall: float,
              min_class_recall: float, metrics: Output[Metrics], confusion: Output[ClassificationMetrics],
              predictions: Output[Dataset], verdict: Output[Markdown], report: Output[HTML],
-             model_store: str = "", model_name: str = "mnist", champion_tolerance: float = 0.005) -> bool:
+             model_store: str, model_name: str, champion_tolerance: float) -> bool:
     """Evaluate the ONNX model in ONNX Runtime on the test split against the thresholds and,
     when ``model_store`` has a production ``model_name``, against that champion; return
     whether it is blessed.

@@ -96,16 +96,19 @@ def spec_of_version(version_spec: dict) -> dict:
     raise KfpError("the pipeline version holds no pipeline spec")
 
 
-_CASTS = {"NUMBER_INTEGER": int, "NUMBER_DOUBLE": float, "STRING": str,
+_CASTS = {"NUMBER_INTEGER": int, "NUMBER_DOUBLE": float, "STRING": str, "STRUCT": json.loads,
           "BOOLEAN": lambda v: {"true": True, "false": False}[v.lower()]}
 
 
 def parse_params(pairs: list[str], spec: dict) -> dict[str, Any]:
     """``["epochs=3", "data_rev=v2"]`` -> ``{"epochs": 3, "data_rev": "v2"}``, typed as ``spec`` declares.
 
-    Raises KfpError on a malformed pair, a parameter the pipeline lacks, a bad value, or
-    a required parameter missing.
+    Raises KfpError on a malformed pair, a parameter the pipeline lacks, a bad value (of
+    the wrong type, or one its stage's config refuses: ``kiln.config.check_parameters``),
+    or a required parameter missing.
     """
+    from kiln.config import ConfigError, check_parameters
+
     declared = spec["root"].get("inputDefinitions", {}).get("parameters", {})
     params: dict[str, Any] = {}
     for pair in pairs:
@@ -122,6 +125,10 @@ def parse_params(pairs: list[str], spec: dict) -> dict[str, Any]:
     missing = [n for n, d in declared.items() if not d.get("isOptional") and "defaultValue" not in d and n not in params]
     if missing:
         raise KfpError(f"required parameters missing: {missing}")
+    try:
+        check_parameters(params)
+    except ConfigError as e:
+        raise KfpError(str(e)) from e
     return params
 
 

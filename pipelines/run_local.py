@@ -23,27 +23,47 @@ from kiln.version import local_image
 from pipelines.training_pipeline import DEFAULT_IMAGE, PIPELINE_NAME, UNCACHED, build_pipeline
 
 
+_FLAG_TYPES = {"String": str, "Integer": int, "Float": float, "Dict": json.loads}
+"""How a flag's text becomes the pipeline parameter's type (a Dict parameter is JSON)."""
+LOCAL_ONLY = ("runs_dir", "cache_root", "cache")
+
+
 def parse_args(argv: list[str], repo_root: Path) -> argparse.Namespace:
+    """One flag per pipeline parameter, taken from the pipeline's signature (type, default,
+    description; data repo and model store default to this checkout), plus the local runner's
+    own; values are checked by ``kiln.config.check_parameters`` (a bad one: one-line error)."""
+    from kiln.config import ConfigError, check_parameters
+
     p = argparse.ArgumentParser(prog="kiln run", description="Run the kiln pipeline locally (kfp.local).")
-    p.add_argument("--data-repo", default=str(repo_root), help="DVC repository holding data/ (default: this checkout)")
-    p.add_argument("--data-rev", default="", help="git revision of the data ('' = workspace, the default)")
-    p.add_argument("--model-store", default=str(repo_root / "model_store"), help="model store root")
-    p.add_argument("--model-name", default="mnist")
-    p.add_argument("--model-type", default="cnn", choices=["cnn", "mlp"])
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resize-wrong-size", action="store_true", help="resize wrong-size images instead of quarantining")
-    p.add_argument("--drift-action", default="warn", choices=["warn", "fail"],
-                   help="what data drift from the production model's data does (default: warn)")
-    p.add_argument("--min-accuracy", type=float, default=0.95)
-    p.add_argument("--min-macro-recall", type=float, default=0.95)
-    p.add_argument("--min-class-recall", type=float, default=0.85)
-    p.add_argument("--champion-tolerance", type=float, default=0.005)
+    local = {"data_repo": str(repo_root), "model_store": str(repo_root / "model_store")}
+    for name, spec in build_pipeline().component_spec.inputs.items():
+        default = local.get(name, spec.default)
+        helptext = f"{spec.description} (default: {json.dumps(default) if spec.type == 'Dict' else default!r})"
+        if spec.type == "Boolean":
+            p.add_argument("--" + name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=default,
+                           help=helptext)
+        else:
+            p.add_argument("--" + name.replace("_", "-"), type=_FLAG_TYPES[spec.type], default=default,
+                           help=helptext.replace("%", "%%"), metavar="JSON" if spec.type == "Dict" else None)
     p.add_argument("--runs-dir", default=str(repo_root / "runs"), help="where each run's artifacts go")
     p.add_argument("--cache-root", help="kfp.local's task cache (default: <runs-dir>/.kfp_cache)")
     p.add_argument("--no-cache", dest="cache", action="store_false",
                    help="run every step, even those whose inputs and code are unchanged")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        check_parameters(pipeline_arguments(args))
+    except ConfigError as e:
+        p.error(str(e))
+    return args
+
+
+def pipeline_arguments(args: argparse.Namespace) -> dict:
+    """The pipeline parameters among ``args`` (paths made absolute)."""
+    params = {k: v for k, v in vars(args).items() if k not in LOCAL_ONLY}
+    if Path(params["data_repo"]).exists():
+        params["data_repo"] = str(Path(params["data_repo"]).resolve())
+    params["model_store"] = str(Path(params["model_store"]).resolve())
+    return params
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -84,21 +104,7 @@ def write_metadata_only_artifacts(run_root: Path) -> list[Path]:
 
 
 def _run_pipeline(pipeline, args: argparse.Namespace) -> None:
-    pipeline(
-        data_repo=str(Path(args.data_repo).resolve()) if Path(args.data_repo).exists() else args.data_repo,
-        data_rev=args.data_rev,
-        model_store=str(Path(args.model_store).resolve()),
-        model_name=args.model_name,
-        model_type=args.model_type,
-        epochs=args.epochs,
-        seed=args.seed,
-        resize_wrong_size=args.resize_wrong_size,
-        drift_action=args.drift_action,
-        min_accuracy=args.min_accuracy,
-        min_macro_recall=args.min_macro_recall,
-        min_class_recall=args.min_class_recall,
-        champion_tolerance=args.champion_tolerance,
-    )
+    pipeline(**pipeline_arguments(args))
 
 
 def task_dir(run_root: Path, task: str) -> Path | None:

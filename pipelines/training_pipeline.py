@@ -21,12 +21,14 @@ between runs.
 
 # No `from __future__ import annotations`: kfp reads the pipeline signature's real types.
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kfp import compiler, dsl, kubernetes
 
 from components import make_components
+from kiln.config import CHAMPION_TOLERANCE, DRIFT_ACTIONS, default
 from kiln.images import image_ref
 
 PIPELINE_NAME = "kiln-training"
@@ -143,17 +145,21 @@ def build_pipeline(image: str = DEFAULT_IMAGE, cluster: ClusterOptions | None = 
         model_store: str,
         data_rev: str = "",
         model_name: str = "mnist",
-        model_type: str = "cnn",
-        epochs: int = 10,
-        seed: int = 0,
+        model_type: str = default("model_type"),
+        epochs: int = default("epochs"),
+        seed: int = default("seed"),
         train_gpus: int = default_gpus,
-        resize_wrong_size: bool = False,
+        resize_wrong_size: bool = default("resize_wrong_size"),
         shards: int = 1,
-        drift_action: str = "warn",
-        min_accuracy: float = 0.95,
-        min_macro_recall: float = 0.95,
-        min_class_recall: float = 0.85,
-        champion_tolerance: float = 0.005,
+        drift_action: str = DRIFT_ACTIONS[0],
+        min_accuracy: float = default("min_accuracy"),
+        min_macro_recall: float = default("min_macro_recall"),
+        min_class_recall: float = default("min_class_recall"),
+        champion_tolerance: float = CHAMPION_TOLERANCE,
+        train_config: dict = {},  # noqa: B006 (a KFP parameter default, never mutated)
+        validation_config: dict = {},  # noqa: B006
+        drift_config: dict = {},  # noqa: B006
+        split_config: dict = {},  # noqa: B006
     ):
         """Train, evaluate and (when blessed) deploy the MNIST classifier.
 
@@ -173,6 +179,10 @@ def build_pipeline(image: str = DEFAULT_IMAGE, cluster: ClusterOptions | None = 
             min_macro_recall: Least macro-averaged test recall to bless the model.
             min_class_recall: Least test recall of every class to bless the model.
             champion_tolerance: Test accuracy the new model may lose against production on the same split and still be blessed.
+            train_config: Any other kiln.train.TrainConfig field as JSON, e.g. {"lr": 0.001, "batch_size": 128, "patience": 5}; model, epochs and seed are the parameters above.
+            validation_config: kiln.validate.ValidationConfig fields to change, as JSON, e.g. {"min_rows": 500}.
+            drift_config: kiln.drift.DriftConfig fields to change, as JSON, e.g. {"psi_fail": 0.3}.
+            split_config: kiln.split.SplitConfig fields to change, as JSON, e.g. {"val_fraction": 0.15}.
         """
         resolve = c.resolve(data_repo=data_repo, data_rev=data_rev)
         data_version = resolve.outputs["data_version"]  # ingest fails the run unless it reads exactly this
@@ -182,13 +192,14 @@ def build_pipeline(image: str = DEFAULT_IMAGE, cluster: ClusterOptions | None = 
             shard = c.shard(plan=ingest.outputs["plan"], shard=shard_no, data_repo=data_repo,
                             resize_wrong_size=resize_wrong_size)
         merge = c.merge(parts=dsl.Collected(shard.outputs["part"]), data_version=data_version)
-        validate = c.validate(cleaned=merge.outputs["cleaned"])
+        validate = c.validate(cleaned=merge.outputs["cleaned"], validation_config=validation_config)
         drift = c.drift(cleaned=merge.outputs["cleaned"], model_store=model_store, model_name=model_name,
-                        drift_action=drift_action)
+                        drift_action=drift_action, drift_config=drift_config)
         # nothing trains on unvalidated (or, with drift_action="fail", drifted) data
-        split = c.split(cleaned=merge.outputs["cleaned"]).after(validate, drift)
+        split = c.split(cleaned=merge.outputs["cleaned"], split_config=split_config).after(validate, drift)
         train = c.train(train_set=split.outputs["train_set"], val_set=split.outputs["val_set"],
-                        model_type=model_type, epochs=epochs, seed=seed, num_gpus=train_gpus)
+                        model_type=model_type, epochs=epochs, seed=seed, train_config=train_config,
+                        num_gpus=train_gpus)
         export = c.export(checkpoint=train.outputs["checkpoint"], train_set=split.outputs["train_set"],
                           val_set=split.outputs["val_set"], data_version=data_version)
         evaluate = c.evaluate(onnx_model=export.outputs["onnx_model"], test_set=split.outputs["test_set"],
@@ -217,7 +228,9 @@ def build_pipeline(image: str = DEFAULT_IMAGE, cluster: ClusterOptions | None = 
             parameters={"model_type": model_type, "epochs": epochs, "seed": seed, "train_gpus": train_gpus,
                         "resize_wrong_size": resize_wrong_size, "shards": shards, "drift_action": drift_action,
                         "min_accuracy": min_accuracy, "min_macro_recall": min_macro_recall,
-                        "min_class_recall": min_class_recall, "champion_tolerance": champion_tolerance})
+                        "min_class_recall": min_class_recall, "champion_tolerance": champion_tolerance,
+                        "train_config": train_config, "validation_config": validation_config,
+                        "drift_config": drift_config, "split_config": split_config})
         tasks = {"resolve": resolve, "ingest": ingest, "shard": shard, "merge": merge, "validate": validate, "drift": drift,
                  "split": split, "train": train, "export": export, "evaluate": evaluate, "deploy": deploy,
                  "withheld": withheld, "report": report}
@@ -239,3 +252,20 @@ def compile_pipeline(output: Path, image: str = DEFAULT_IMAGE, cluster: ClusterO
     compiler.Compiler().compile(pipeline, package_path=str(output),
                                 pipeline_parameters={"model_store": MODEL_STORE_MOUNT})
     return output
+
+
+def parameters_markdown() -> str:
+    """The run parameters as README's Markdown table: name, type, default (the stage
+    config field it comes from), description; README's table is tested against this."""
+    from kiln.config import CONFIGS, EVERYDAY, NESTED
+
+    rows = ["| parameter | type | default | what it is |", "| --- | --- | --- | --- |"]
+    for name, spec in build_pipeline().component_spec.inputs.items():
+        default = "(required)" if spec.default is None and not spec.optional else f"`{json.dumps(spec.default)}`"
+        if name in EVERYDAY:
+            stage, field_name = EVERYDAY[name]
+            default += f" (`{CONFIGS[stage][1]}.{field_name}`)"
+        elif name in NESTED:
+            default += f" (`{CONFIGS[NESTED[name]][1]}` fields)"
+        rows.append(f"| `{name}` | {spec.type.lower()} | {default} | {spec.description or ''} |")
+    return "\n".join(rows) + "\n"

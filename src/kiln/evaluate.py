@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
+from kiln.config import CHAMPION_TOLERANCE
 from kiln.contract import CLASS_LABELS, IMAGE_SIZE, INPUT_NAME, LABEL_NAME, NUM_CLASSES, PROBABILITIES_NAME
 from kiln.dataset import CLEAN_COLUMNS, read_table, to_arrays
 
@@ -147,9 +148,10 @@ def _check(name: str, what: str, observed: float, required: float) -> tuple[bool
     return ok, f"{'PASS' if ok else 'FAIL'} {name}: {what} {observed:.4f} {'>=' if ok else '<'} {required:.4f}"
 
 
-DEFAULT_CHAMPION_TOLERANCE = 0.005
+DEFAULT_CHAMPION_TOLERANCE = CHAMPION_TOLERANCE
 """How much accuracy (a fraction: 0.005 = half a point) a challenger may lose against
-the production model and still be blessed."""
+the production model and still be blessed (defined in ``kiln.config``, with the other
+run parameters that are no field of a stage config)."""
 
 
 def _roc_auc(y_true: np.ndarray, probabilities: np.ndarray) -> float | None:
