@@ -127,7 +127,7 @@ def test_cli_params_are_typed_and_checked() -> None:
 def test_every_parameter_is_described_for_the_ui(tmp_path: Path) -> None:
     spec = next(yaml.safe_load_all(compile_to(tmp_path)))
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert len(params) == 15
+    assert len(params) == 19
     undescribed = [name for name, p in params.items() if not p.get("description")]
     assert undescribed == []
     assert "default branch" in params["data_rev"]["description"]
