@@ -28,7 +28,7 @@ from pathlib import Path
 from kfp import compiler, dsl, kubernetes
 
 from components import make_components
-from kiln.config import CHAMPION_TOLERANCE, DRIFT_ACTIONS, default
+from kiln.config import CHAMPION_TOLERANCE, DRIFT_ACTIONS, TRAIN_BACKENDS, default, trainjob_default
 from kiln.images import image_ref
 
 PIPELINE_NAME = "kiln-training"
@@ -99,8 +99,21 @@ class ClusterOptions:
     retry_backoff: str = "30s"
     retry_backoff_max: str = "600s"
     train_timeout_s: int = 6 * 3600
+    namespace: str = "kubeflow-user-example-com"
+    """Where the pipeline runs; the trainjob backend creates its TrainJob here (``k8s/rbac`` grants it)."""
+    trainjob_runtime: str = "torch-distributed"
+    """The Kubeflow Trainer (Cluster)TrainingRuntime of the trainjob backend."""
     shard_parallelism: int = 16
     """Shard tasks running at once (the ``parallelism`` of the clean fan-out), fixed at compile time."""
+
+
+def _trainjob_options(image: str, cluster: ClusterOptions | None) -> dict:
+    """What the trainjob backend needs from the build: the image its nodes run, and where
+    the shared model-store volume is (mounted in the train pod too); {} for kfp.local."""
+    if cluster is None or not cluster.model_store_pvc:
+        return {}
+    return {"image": image, "namespace": cluster.namespace, "runtime": cluster.trainjob_runtime,
+            "pvc": cluster.model_store_pvc, "shared_dir": MODEL_STORE_MOUNT, "timeout_s": cluster.train_timeout_s}
 
 
 def _configure_cluster(tasks: dict, opts: ClusterOptions, train_gpus) -> None:
@@ -126,7 +139,7 @@ def _configure_cluster(tasks: dict, opts: ClusterOptions, train_gpus) -> None:
         if opts.git_secret:
             kubernetes.use_secret_as_env(tasks[name], secret_name=opts.git_secret, secret_key_to_env=GIT_SECRET_KEYS)
     if opts.model_store_pvc:  # every step that reads or writes the model store
-        for name in ("drift", "evaluate", "deploy"):
+        for name in ("drift", "evaluate", "deploy", "train"):  # train: the trainjob backend's shared dir
             kubernetes.mount_pvc(tasks[name], pvc_name=opts.model_store_pvc, mount_path=MODEL_STORE_MOUNT)
 
 
@@ -149,6 +162,9 @@ def build_pipeline(image: str = DEFAULT_IMAGE, cluster: ClusterOptions | None = 
         epochs: int = default("epochs"),
         seed: int = default("seed"),
         train_gpus: int = default_gpus,
+        train_backend: str = TRAIN_BACKENDS[0],
+        train_num_nodes: int = trainjob_default("train_num_nodes"),
+        train_procs_per_node: int = trainjob_default("train_procs_per_node"),
         resize_wrong_size: bool = default("resize_wrong_size"),
         shards: int = 1,
         drift_action: str = DRIFT_ACTIONS[0],
@@ -171,7 +187,10 @@ def build_pipeline(image: str = DEFAULT_IMAGE, cluster: ClusterOptions | None = 
             model_type: Architecture, "cnn" or "mlp".
             epochs: Training epochs.
             seed: Random seed of training (same data + seed + code = same model).
-            train_gpus: GPUs for the train step (DDP when > 1); only used when compiled with GPUs.
+            train_gpus: GPUs for the train step (DDP when > 1); only used when compiled with GPUs. With the trainjob backend: GPUs per TrainJob node.
+            train_backend: "pod" trains in the train step's pod; "trainjob" on a Kubeflow Trainer TrainJob (multi-node DDP; needs the cluster build and Kubeflow Trainer).
+            train_num_nodes: Nodes of the TrainJob (train_backend "trainjob").
+            train_procs_per_node: Training processes per TrainJob node (train_backend "trainjob").
             resize_wrong_size: Resize wrong-size images instead of quarantining them.
             shards: Shards cleaning and per-image statistics fan out over (one task each, at most the compiled parallelism at once); results are the same for any number.
             drift_action: "warn" or "fail" when the data drifted from the production model's.
@@ -199,7 +218,8 @@ def build_pipeline(image: str = DEFAULT_IMAGE, cluster: ClusterOptions | None = 
         split = c.split(cleaned=merge.outputs["cleaned"], split_config=split_config).after(validate, drift)
         train = c.train(train_set=split.outputs["train_set"], val_set=split.outputs["val_set"],
                         model_type=model_type, epochs=epochs, seed=seed, train_config=train_config,
-                        num_gpus=train_gpus)
+                        num_gpus=train_gpus, backend=train_backend, num_nodes=train_num_nodes,
+                        procs_per_node=train_procs_per_node, trainjob=_trainjob_options(image, cluster))
         export = c.export(checkpoint=train.outputs["checkpoint"], train_set=split.outputs["train_set"],
                           val_set=split.outputs["val_set"], data_version=data_version)
         evaluate = c.evaluate(onnx_model=export.outputs["onnx_model"], test_set=split.outputs["test_set"],
@@ -226,6 +246,8 @@ def build_pipeline(image: str = DEFAULT_IMAGE, cluster: ClusterOptions | None = 
             data_commit=resolve.outputs["data_commit"], data_version=data_version,
             model_store=model_store, model_name=model_name,
             parameters={"model_type": model_type, "epochs": epochs, "seed": seed, "train_gpus": train_gpus,
+                        "train_backend": train_backend, "train_num_nodes": train_num_nodes,
+                        "train_procs_per_node": train_procs_per_node,
                         "resize_wrong_size": resize_wrong_size, "shards": shards, "drift_action": drift_action,
                         "min_accuracy": min_accuracy, "min_macro_recall": min_macro_recall,
                         "min_class_recall": min_class_recall, "champion_tolerance": champion_tolerance,

@@ -44,6 +44,11 @@ NESTED = {"train_config": "train", "validation_config": "validation", "drift_con
           "split_config": "split"}
 """Pipeline parameters that carry any other fields of a stage config, as a JSON object."""
 
+TRAIN_BACKENDS = ("pod", "trainjob")
+"""``pod``: train in the step's own pod; ``trainjob``: on a Kubeflow Trainer TrainJob (``kiln.trainjob``)."""
+TRAINJOB_SIZE = {"train_num_nodes": "num_nodes", "train_procs_per_node": "procs_per_node"}
+"""Pipeline parameters that size a TrainJob: parameter -> ``kiln.trainjob.TrainJobOptions`` field."""
+
 CHAMPION_TOLERANCE = 0.005
 """Test accuracy a new model may lose against production and still be blessed."""
 DRIFT_ACTIONS = ("warn", "fail")
@@ -63,6 +68,13 @@ def default(parameter: str) -> Any:
     """The default of an :data:`EVERYDAY` pipeline parameter: its config field's default."""
     stage, name = EVERYDAY[parameter]
     return next(f.default for f in dataclasses.fields(config_class(stage)) if f.name == name)
+
+
+def trainjob_default(parameter: str) -> int:
+    """The default of a :data:`TRAINJOB_SIZE` parameter: its TrainJobOptions field's."""
+    from kiln.trainjob import TrainJobOptions
+
+    return next(f.default for f in dataclasses.fields(TrainJobOptions) if f.name == TRAINJOB_SIZE[parameter])
 
 
 def build_config(stage: str, values: Mapping[str, Any]) -> Any:
@@ -126,6 +138,12 @@ def check_parameters(parameters: Mapping[str, Any]) -> None:
     tolerance = parameters.get("champion_tolerance", CHAMPION_TOLERANCE)
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance <= 1:
         raise ConfigError(f"champion_tolerance must be a number in [0, 1], got {tolerance!r}")
+    if parameters.get("train_backend", "pod") not in TRAIN_BACKENDS:
+        raise ConfigError(f"train_backend must be one of {TRAIN_BACKENDS}, got {parameters['train_backend']!r}")
+    for name in TRAINJOB_SIZE:
+        value = parameters.get(name, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a positive int, got {value!r}")
     shards = parameters.get("shards", 1)
     if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
         raise ConfigError(f"shards must be a positive int, got {shards!r}")

@@ -512,6 +512,13 @@ def run_train(
         result = train(config, read_table(train_path, CLEAN_COLUMNS), read_table(val_path, CLEAN_COLUMNS), checkpoint_path)
     else:
         result = _run_torchrun(train_path, val_path, checkpoint_path, config, nproc)
+    return report_result(result, log_metric, curves_path)
+
+
+def report_result(result: TrainResult, log_metric: Callable[[str, float], None] | None = None,
+                  curves_path: str | Path | None = None) -> TrainResult:
+    """Plot ``result``'s curves to ``curves_path`` and log them (per epoch, then the best
+    epoch's figures) to ``log_metric``, whichever backend trained; returns ``result``."""
     if curves_path is not None:
         write_curves(result.history, curves_path, result.best_epoch)
     if log_metric is not None:

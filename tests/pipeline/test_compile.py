@@ -84,6 +84,28 @@ def test_cleaning_fans_out_over_the_shard_plan(tmp_path: Path) -> None:
     assert spec["root"]["inputDefinitions"]["parameters"]["shards"]["defaultValue"] == 1
 
 
+def test_train_gets_what_the_trainjob_backend_needs(tmp_path: Path) -> None:
+    from kiln.trainjob import TrainJobOptions
+    from pipelines.training_pipeline import ClusterOptions, compile_pipeline
+
+    text = compile_pipeline(tmp_path / "p.yaml", "registry.example/kiln:abc",
+                            ClusterOptions(namespace="team-a", trainjob_runtime="torch-gpu")).read_text()
+    spec = next(yaml.safe_load_all(text))
+    train = spec["root"]["dag"]["tasks"]["train"]["inputs"]["parameters"]
+    assert {k: train[k] for k in ("backend", "num_nodes", "procs_per_node", "num_gpus")} == {
+        "backend": {"componentInputParameter": "train_backend"},
+        "num_nodes": {"componentInputParameter": "train_num_nodes"},
+        "procs_per_node": {"componentInputParameter": "train_procs_per_node"},
+        "num_gpus": {"componentInputParameter": "train_gpus"}}
+    options = train["trainjob"]["runtimeValue"]["constant"]
+    assert options == {"image": "registry.example/kiln:abc", "namespace": "team-a", "runtime": "torch-gpu",
+                       "pvc": "kiln-model-store", "shared_dir": "/mnt/models", "timeout_s": 6 * 3600}
+    TrainJobOptions(**options, num_nodes=2, procs_per_node=1)  # what the step builds from it
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["train_backend"]["defaultValue"] == "pod"
+    assert (params["train_num_nodes"]["defaultValue"], params["train_procs_per_node"]["defaultValue"]) == (2, 1)
+
+
 def test_image_comes_from_the_builder_and_kfp_is_not_reinstalled(tmp_path: Path) -> None:
     spec = next(yaml.safe_load_all(compile_to(tmp_path, image="registry.example/kiln:test")))
     executors = spec["deploymentSpec"]["executors"]
@@ -102,7 +124,8 @@ def test_cluster_flavour_mounts_the_model_store_where_it_is_used(tmp_path: Path)
     assert spec["root"]["inputDefinitions"]["parameters"]["model_store"]["defaultValue"] == "/mnt/models"
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     mounted = sorted(name for name, e in executors.items() if "pvcMount" in e)
-    assert mounted == ["exec-deploy", "exec-drift", "exec-evaluate"]  # the steps that touch the store
+    # the steps that touch the store, and train: the trainjob backend shares files with its nodes there
+    assert mounted == ["exec-deploy", "exec-drift", "exec-evaluate", "exec-train"]
     assert all(executors[e]["pvcMount"][0]["mountPath"] == "/mnt/models" for e in mounted)
 
 
@@ -127,7 +150,7 @@ def test_cli_params_are_typed_and_checked() -> None:
 def test_every_parameter_is_described_for_the_ui(tmp_path: Path) -> None:
     spec = next(yaml.safe_load_all(compile_to(tmp_path)))
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert len(params) == 19
+    assert len(params) == 22
     undescribed = [name for name, p in params.items() if not p.get("description")]
     assert undescribed == []
     assert "default branch" in params["data_rev"]["description"]
@@ -191,4 +214,5 @@ def test_without_gpus_train_asks_for_none(tmp_path: Path) -> None:
     spec, platform = yaml.safe_load_all(compile_to(tmp_path))
     assert "accelerator" not in spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
     train = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"]
-    assert set(train) == {"activeDeadlineSeconds"}  # the timeout only: no toleration, selector or /dev/shm
+    # the timeout and the store (the trainjob backend's shared dir) only: no toleration, selector or /dev/shm
+    assert set(train) == {"activeDeadlineSeconds", "pvcMount"}

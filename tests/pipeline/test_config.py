@@ -14,8 +14,8 @@ import yaml
 from kfp import dsl
 
 from helpers import REPO_ROOT, clean_frame, mnist_subset
-from kiln.config import (CHAMPION_TOLERANCE, EVERYDAY, NESTED, ConfigError, build_config, check_parameters,
-                         config_class, stage_values)
+from kiln.config import (CHAMPION_TOLERANCE, EVERYDAY, NESTED, TRAINJOB_SIZE, ConfigError, build_config,
+                         check_parameters, config_class, stage_values, trainjob_default)
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,7 @@ def test_every_place_agrees_on_every_default(spec_inputs: dict, tmp_path: Path) 
     assert spec_inputs["champion_tolerance"].default == CHAMPION_TOLERANCE == DEFAULT_CHAMPION_TOLERANCE
     assert inspect.signature(run_evaluate).parameters["tolerance"].default == CHAMPION_TOLERANCE
     assert all(spec_inputs[name].default == {} for name in NESTED)
+    assert all(spec_inputs[name].default == trainjob_default(name) for name in TRAINJOB_SIZE)
     # the committed YAML was compiled from that signature
     committed = next(yaml.safe_load_all((REPO_ROOT / "pipelines" / "training_pipeline.yaml").read_text()))
     for name, param in committed["root"]["inputDefinitions"]["parameters"].items():
@@ -87,6 +88,7 @@ def test_every_training_hyperparameter_is_reachable(spec_inputs: dict) -> None:
     ({"drift_config": "not json"}, "drift_config(=.*)? is not (JSON|a valid STRUCT)"),
     ({"drift_action": "panic"}, "drift_action must be one of"),
     ({"shards": 0}, "shards must be a positive int"),
+    ({"train_backend": "slurm"}, "train_backend must be one of"),
     ({"champion_tolerance": -1.0}, "champion_tolerance must be a number"),
 ])
 def test_bad_values_are_refused_by_run_and_submit(params: dict, message: str, tmp_path: Path, capsys) -> None:
