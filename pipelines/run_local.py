@@ -14,6 +14,7 @@ carries a hash of the kiln source (``kiln.version.local_image``).
 
 import argparse
 import datetime as dt
+import functools
 import json
 import sys
 import warnings
@@ -36,7 +37,7 @@ def parse_args(argv: list[str], repo_root: Path) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(prog="kiln run", description="Run the kiln pipeline locally (kfp.local).")
     local = {"data_repo": str(repo_root), "model_store": str(repo_root / "model_store")}
-    for name, spec in build_pipeline().component_spec.inputs.items():
+    for name, spec in _pipeline_inputs().items():
         default = local.get(name, spec.default)
         helptext = f"{spec.description} (default: {json.dumps(default) if spec.type == 'Dict' else default!r})"
         if spec.type == "Boolean":
@@ -55,6 +56,11 @@ def parse_args(argv: list[str], repo_root: Path) -> argparse.Namespace:
     except ConfigError as e:
         p.error(str(e))
     return args
+
+
+@functools.cache
+def _pipeline_inputs() -> dict:
+    return build_pipeline().component_spec.inputs
 
 
 def pipeline_arguments(args: argparse.Namespace) -> dict:

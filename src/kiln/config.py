@@ -52,6 +52,7 @@ TRAINJOB_SIZE = {"train_num_nodes": "num_nodes", "train_procs_per_node": "procs_
 CHAMPION_TOLERANCE = 0.005
 """Test accuracy a new model may lose against production and still be blessed."""
 DRIFT_ACTIONS = ("warn", "fail")
+"""What the drift step does when the data drifted; the first is the default."""
 
 
 class ConfigError(ValueError):

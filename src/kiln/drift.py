@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from kiln.config import DRIFT_ACTIONS
 from kiln.dataset import CLEAN_COLUMNS, read_table
 from kiln.html import render, trusted
 from kiln.stats import (  # noqa: F401 (the reference statistics are part of drift's API too)
@@ -48,7 +49,8 @@ from kiln.store import ModelStore
 LABEL_STATISTIC = "label"
 """Name under which a label-distribution drift is reported among the drifted statistics."""
 
-ACTIONS = ("warn", "fail")
+ACTIONS = DRIFT_ACTIONS
+"""What drift does on drift: ``warn`` (the default) or ``fail`` the run."""
 
 
 class DataDriftError(RuntimeError):
