@@ -47,7 +47,7 @@ test: setup
 
 # everything but the end-to-end pipeline runs
 test-fast: setup
-	$(BIN)/pytest -q -m "not slow" $(ARGS)
+	$(BIN)/pytest -q -m "not slow and not load" $(ARGS)
 
 clean-runs:
 	rm -rf runs

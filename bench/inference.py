@@ -59,9 +59,9 @@ def main() -> None:
     import onnxruntime as ort
     from conftest import clean_table
 
-    from kiln.contract import INPUT_NAME, LABEL_NAME, PROBABILITIES_NAME
     from kiln.data import mnist_5k
     from kiln.export import export_onnx, export_variants
+    from kiln.runtime import SessionSettings, create_session, run_contract
     from kiln.train import ServingModel, TrainConfig, load_checkpoint, train
 
     torch.set_num_threads(args.threads)
@@ -82,20 +82,14 @@ def main() -> None:
         for v in variants.values():
             v["ships"] = v["accuracy_drop"] <= 0.003
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = args.threads
-        options.inter_op_num_threads = 1
-        # No spin-waiting after a run: idle ORT threads would otherwise steal the cores from
-        # the next engine timed (PyTorch eager looked several times slower with spinning on).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        sessions = {
-            "onnxruntime_fp32": ort.InferenceSession(str(tmp / "model.onnx"), options, providers=["CPUExecutionProvider"]),
-            "onnxruntime_int8": ort.InferenceSession(variants["int8"]["path"], options, providers=["CPUExecutionProvider"]),
-            "onnxruntime_int8_dyn": ort.InferenceSession(variants["int8_dynamic"]["path"], options,
-                                                         providers=["CPUExecutionProvider"]),
-            # fp16 is meant for GPU serving; on CPU, ONNX Runtime runs it as well as it can
-            "onnxruntime_fp16": ort.InferenceSession(variants["fp16"]["path"], options, providers=["CPUExecutionProvider"]),
-        }
+        # kiln's serving session settings with the benchmark's thread count: no spin-waiting
+        # after a run, so idle ORT threads do not steal the cores from the next engine timed.
+        session_settings = SessionSettings(device="cpu", intra_op_threads=args.threads)
+        files = {"fp32": tmp / "model.onnx", "int8": variants["int8"]["path"],
+                 "int8_dyn": variants["int8_dynamic"]["path"],
+                 # fp16 is meant for GPU serving; on CPU, ONNX Runtime runs it as well as it can
+                 "fp16": variants["fp16"]["path"]}
+        sessions = {f"onnxruntime_{name}": create_session(Path(path), session_settings) for name, path in files.items()}
         _, net = load_checkpoint(tmp / "m.pt")
         serving = ServingModel(net).eval()
 
@@ -106,7 +100,7 @@ def main() -> None:
         engines = {
             "pytorch_eager": lambda b: torch_run(b)[1].numpy(),
             **{
-                name: (lambda b, s=s: s.run([PROBABILITIES_NAME, LABEL_NAME], {INPUT_NAME: b})[1])
+                name: (lambda b, s=s: run_contract(s, b)[1])
                 for name, s in sessions.items()
             },
         }
@@ -137,6 +131,7 @@ def main() -> None:
     result = {
         "benchmark": "inference",
         "threads": args.threads,
+        "session_settings": session_settings.model_dump(),
         "test_images": int(len(te)),
         "accuracy": accuracy,
         "variants": variants,

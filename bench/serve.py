@@ -6,13 +6,15 @@ image as a KServe V2 JSON body (``pixels`` UINT8 [1, 28, 28], a real MNIST digit
 Two baselines are measured in the same run on the same ONNX files:
 
 * in-process ONNX Runtime: ``session.run`` at batch 1 in a loop from one caller thread,
-  with ORT's default session options and with the server's (intra-op threads = CPU
-  quota, inter-op 1, sequential) -- the limit no server can pass;
+  with ORT's default session options and with the server's (``kiln.runtime.SessionSettings``:
+  intra-op threads = CPU quota, inter-op 1, sequential, no spinning) -- the limit no
+  server can pass;
 * the ``kserve`` SDK's ``ModelServer`` wrapping ONNX Runtime as its docs show for a
-  custom V2 model (a ``kserve.Model`` with ``load()``/``predict()`` taking an
-  ``InferRequest`` and returning an ``InferResponse``), with the SDK's defaults. It
-  runs from its own virtual environment (``--kserve-venv``, created when absent with
-  the pins in ``KSERVE_PINS``: kserve is not a kiln dependency).
+  custom V2 model (``bench/peers/kserve_onnx.py``), with the SDK's defaults and the
+  session kiln serves with: it builds it with ``kiln.runtime`` from the same
+  ``SessionSettings`` (``kiln_session_settings``). It runs from its own virtual
+  environment (``--kserve-venv``, created when absent with the pins in ``KSERVE_PINS``:
+  kserve is not a kiln dependency).
 
 Models: (1) ``tiny``, kiln's default CNN (``TrainConfig(model="cnn")``, seeded and
 untrained: throughput does not depend on the weights) exported by ``kiln.export.export_onnx``
@@ -28,11 +30,11 @@ and Ctrl-C). For kiln, ``/metrics`` is scraped before and after every point: the
 histogram deltas give, per request, the handler's total time, the batching queue wait
 and the ONNX Runtime compute; their difference is decode + encode (parse and serialise)
 and the rest of the handler; wrk's mean latency minus the handler's total is what
-uvicorn and the socket add. Kiln's own decode (``_decode``) and encode (``_encode``) of
+uvicorn and the socket add. Kiln's own decode and encode (``kiln.serving.codec``) of
 the same one-image body are also timed in-process. Server CPU time per request comes
 from /proc for every server.
 
-Targets (issue 5) are recorded as ratios within this run, never asserted.
+Targets are recorded as ratios within this run, never asserted.
 
     .venv/bin/python bench/serve.py                  # ~4 min -> bench/results/serve.json
     .venv/bin/python bench/serve.py --quick          # ~2 s per point smoke run
@@ -372,17 +374,18 @@ def ort_loop(session, feed: dict[str, np.ndarray], seconds: float) -> dict[str, 
 def in_process_ort(models: dict[str, dict[str, Any]], image: np.ndarray, seconds: float) -> list[dict[str, Any]]:
     import onnxruntime as ort
 
-    from kiln.serving.predictor import cpu_quota
+    from kiln.runtime import create_session
 
     rows = []
     for key, info in models.items():
-        default = ort.SessionOptions()
-        server = ort.SessionOptions()
-        server.intra_op_num_threads = cpu_quota()
-        server.inter_op_num_threads = 1
-        server.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        for label, options in (("default_options", default), ("server_options", server)):
-            session = ort.InferenceSession(str(info["onnx"]), options, providers=["CPUExecutionProvider"])
+        # ONNX Runtime's own defaults (every core, spinning on) on purpose: the row says
+        # what the server's settings change.
+        sessions = {
+            "default_options": lambda path: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]),
+            "server_options": lambda path: create_session(path, kiln_session_settings()),
+        }
+        for label, open_session in sessions.items():
+            session = open_session(info["onnx"])
             for batch in (1, 64):
                 feed = {"pixels": np.ascontiguousarray(np.repeat(image[None], batch, axis=0))}
                 r = ort_loop(session, feed, seconds if batch == 1 else seconds / 2)
@@ -393,14 +396,15 @@ def in_process_ort(models: dict[str, dict[str, Any]], image: np.ndarray, seconds
 
 def kiln_codec(store: Path, model_name: str, body: bytes, seconds: float) -> dict[str, Any]:
     """Kiln's own decode (parse + validate) and encode (JSON response) of ``body``, timed in-process."""
-    from kiln.serving import server as kserver
+    from kiln.serving import codec
+    from kiln.serving.config import DEFAULT_MAX_BODY_BYTES
     from kiln.serving.predictor import OnnxPredictor
     from kiln.store import ModelStore
 
-    predictor = OnnxPredictor(ModelStore(store).production(model_name))
+    predictor = OnnxPredictor(ModelStore(store).production(model_name), session=kiln_session_settings())
     predictor.load()
     headers = {"content-type": "application/json"}
-    parsed, feed, wanted = kserver._decode(predictor, body, headers, kserver.DEFAULT_MAX_BODY_BYTES)
+    parsed, feed, wanted = codec.decode_request(predictor, body, headers, DEFAULT_MAX_BODY_BYTES)
     outputs = predictor.run(feed)
 
     def timed(fn) -> float:
@@ -414,58 +418,19 @@ def kiln_codec(store: Path, model_name: str, body: bytes, seconds: float) -> dic
 
     return {
         "body_bytes": len(body),
-        "decode_us": round(timed(lambda: kserver._decode(predictor, body, headers, kserver.DEFAULT_MAX_BODY_BYTES)), 1),
-        "pydantic_parse_us": round(timed(lambda: kserver._parse_request(body)), 1),
+        "decode_us": round(timed(lambda: codec.decode_request(predictor, body, headers, DEFAULT_MAX_BODY_BYTES)), 1),
+        "pydantic_parse_us": round(timed(lambda: codec.parse_request(body)), 1),
         "inference_us": round(timed(lambda: predictor.run(feed)), 1),
-        "encode_us": round(timed(lambda: kserver._encode(predictor, parsed, wanted, outputs)), 1),
-        "note": "one caller thread, no load: _decode = JSON parse (pydantic) + tensor decode + validation; "
-                "_encode = response dict + JSON rendering (JSONResponse)",
+        "encode_us": round(timed(lambda: codec.encode_response(predictor, parsed, wanted, outputs)), 1),
+        "note": "one caller thread, no load: decode_request = JSON parse (pydantic) + tensor decode + validation; "
+                "encode_response = response dict + JSON rendering (JSONResponse)",
     }
 
 
 # --- KServe ------------------------------------------------------------------------------------
 
-KSERVE_SERVER = '''\
-"""KServe ModelServer over ONNX Runtime: a custom V2 model as KServe's docs show. Generated by bench/serve.py."""
-import argparse
-
-import onnxruntime as ort
-from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer, model_server
-from kserve.utils.numpy_codec import from_np_dtype
-from kserve.utils.utils import generate_uuid
-
-
-class OnnxModel(Model):
-    def __init__(self, name: str, path: str):
-        super().__init__(name)
-        self.path = path
-        self.session = None
-        self.ready = False
-        self.load()
-
-    def load(self) -> bool:
-        self.session = ort.InferenceSession(self.path, providers=["CPUExecutionProvider"])
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self.ready = True
-        return self.ready
-
-    def predict(self, payload: InferRequest, headers=None, response_headers=None) -> InferResponse:
-        feed = {inp.name: inp.as_numpy() for inp in payload.inputs}
-        results = self.session.run(self.output_names, feed)
-        outputs = []
-        for name, array in zip(self.output_names, results):
-            out = InferOutput(name=name, shape=list(array.shape), datatype=from_np_dtype(array.dtype))
-            out.set_data_from_numpy(array, binary_data=False)
-            outputs.append(out)
-        return InferResponse(response_id=generate_uuid(), model_name=self.name, infer_outputs=outputs)
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(parents=[model_server.parser])
-    parser.add_argument("--model_path", required=True)
-    args, _ = parser.parse_known_args()
-    ModelServer().start([OnnxModel(args.model_name, args.model_path)])
-'''
+KSERVE_PEER = REPO / "bench" / "peers" / "kserve_onnx.py"
+"""KServe's ModelServer around a session from ``kiln.runtime`` (run in KServe's own venv)."""
 
 
 def kserve_python(venv: Path) -> tuple[Path, dict[str, str]]:
@@ -516,6 +481,22 @@ def kiln_cmd(store: Path, model: str, port: int, batching: bool) -> list[str]:
     return [sys.executable, "-m", "kiln.cli", "serve", "--store", str(store), "--model", model,
             "--host", "127.0.0.1", "--port", str(port), "--batching" if batching else "--no-batching",
             "--device", "cpu"]
+
+
+def kiln_session_settings():
+    """The ONNX Runtime settings ``kiln serve`` builds with the flags of ``kiln_cmd``
+    (``--device cpu``; intra-op threads = the CPU quota): every peer and baseline gets them
+    (tests/serving/test_runtime.py checks that they are the same)."""
+    from kiln.runtime import SessionSettings
+
+    return SessionSettings(device="cpu")
+
+
+def kserve_cmd(python: Path, model: str, onnx: Path, port: int) -> list[str]:
+    """KServe's peer server, its session settings handed over from ``kiln_session_settings``."""
+    return [str(python), str(KSERVE_PEER), "--model_name", model, "--model_path", str(onnx),
+            "--session_settings", kiln_session_settings().model_dump_json(), "--kiln_src", str(REPO / "src"),
+            "--http_port", str(port), "--grpc_port", str(free_port())]
 
 
 def ratio(name: str, num: float | None, den: float | None, target: str | None = None,
@@ -579,7 +560,7 @@ def environment(kserve_versions: dict[str, str] | None) -> dict[str, Any]:
 
     import onnxruntime as ort
 
-    from kiln.serving.predictor import cpu_quota
+    from kiln.runtime import cpu_quota
 
     commit = "unknown"
     with contextlib.suppress(OSError, subprocess.SubprocessError):
@@ -701,15 +682,13 @@ def main(argv: list[str] | None = None) -> int:
         models["heavy"]["batch1_at_least_1ms"] = heavy_b1 >= 1.0
         codec = kiln_codec(store, MODEL_NAMES["tiny"], body, args.ort_seconds / 2)
         # each model's answer to the body, to check every server once before timing it
-        import onnxruntime as ort
+        from kiln.runtime import predict
 
-        expected = {key: int(ort.InferenceSession(str(info["onnx"]), providers=["CPUExecutionProvider"])
-                             .run(["label"], {"pixels": image[None]})[0][0]) for key, info in models.items()}
+        expected = {key: int(predict(info["onnx"], image[None], kiln_session_settings())[1][0])
+                    for key, info in models.items()}
 
         lua = work / "post_v2.lua"
         lua.write_text(LUA % {"body": body.decode()})
-        kserve_script = work / "kserve_onnx_server.py"
-        kserve_script.write_text(KSERVE_SERVER)
 
         points: list[dict[str, Any]] = []
         for key in ("tiny", "heavy"):
@@ -725,8 +704,7 @@ def main(argv: list[str] | None = None) -> int:
                         points.append({"server": "kiln", "model": key, "batching": batching, **p})
             if kserve is not None:
                 port = free_port()
-                cmd = [str(kserve[0]), str(kserve_script), "--model_name", name, "--model_path", str(models[key]["onnx"]),
-                       "--http_port", str(port), "--grpc_port", str(free_port())]
+                cmd = kserve_cmd(kserve[0], name, models[key]["onnx"], port)
                 with Server(f"kserve {key}", cmd, port, f"/v2/models/{name}/ready",
                             work / f"kserve-{key}.log", {**env, "PYTHONUNBUFFERED": "1"}) as server:
                     check_answer(server, path, body, expected[key])
@@ -747,7 +725,10 @@ def main(argv: list[str] | None = None) -> int:
             "kiln_server": "kiln serve --device cpu --batching|--no-batching, other settings default "
                            "(max batch 64, max queue delay 500 us, 4 inference threads, intra-op threads = CPU quota)",
             "kserve_server": "kserve.ModelServer defaults (1 worker, gRPC on, latency logging on) around "
-                             "ort.InferenceSession(model, providers=[CPU]) with default session options",
+                             "kiln.runtime.create_session(model, session_settings) (bench/peers/kserve_onnx.py)",
+            "session_settings": kiln_session_settings().model_dump(),
+            "session_settings_note": "kiln.runtime.SessionSettings of kiln serve --device cpu; the KServe peer "
+                                     "and the in-process server_options rows use the same object",
             "rps": "requests answered 2xx/3xx per second of the wrk run",
             "note": "wrk, the server and its inference threads share the same CPUs; server CPU per request "
                     "is /proc's, for the whole process group",

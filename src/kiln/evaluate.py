@@ -115,61 +115,27 @@ class Evaluation:
 
 
 def onnx_providers() -> list[str]:
-    """ONNX Runtime providers to request: CUDA first only when a GPU is really usable.
+    """ONNX Runtime providers evaluation asks for: the server's answer (the NVIDIA driver's
+    GPU list, see :func:`kiln.runtime.providers_for`)."""
+    from kiln.runtime import providers_for
 
-    onnxruntime-gpu lists ``CUDAExecutionProvider`` even on machines without a GPU (and
-    then falls back with a warning), so ask torch whether CUDA works.
-    """
-    import onnxruntime as ort
-
-    try:
-        import torch
-
-        cuda = torch.cuda.is_available()
-    except ImportError:
-        cuda = False
-    if cuda and "CUDAExecutionProvider" in ort.get_available_providers():
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+    return providers_for("auto")
 
 
 def predict_onnx(onnx_path: str | Path, pixels: np.ndarray, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Run the ONNX model on uint8 pixels [N, 28, 28] in batches.
+    """Run the ONNX model on uint8 pixels [N, 28, 28] in batches, in a session built
+    exactly as the server builds it (:func:`kiln.runtime.predict`).
 
     Returns (probabilities float32 [N, 10], label int64 [N]). Raises
     :class:`EvaluationError` if the file is missing or its interface is not the
     contract's.
     """
-    import onnxruntime as ort
+    from kiln.runtime import ContractError, SessionError, predict
 
-    onnx_path = Path(onnx_path)
-    if not onnx_path.is_file():
-        raise EvaluationError(f"ONNX model not found: {onnx_path}")
     try:
-        session = ort.InferenceSession(str(onnx_path), providers=onnx_providers())
-    except Exception as e:  # onnxruntime raises its own exception types
-        raise EvaluationError(f"ONNX Runtime cannot load {onnx_path}: {e}") from e
-    inputs = [i.name for i in session.get_inputs()]
-    outputs = {o.name for o in session.get_outputs()}
-    if inputs != [INPUT_NAME] or not {PROBABILITIES_NAME, LABEL_NAME} <= outputs:
-        raise EvaluationError(
-            f"{onnx_path} has inputs {inputs} and outputs {sorted(outputs)}; "
-            f"the contract wants [{INPUT_NAME!r}] -> {PROBABILITIES_NAME}, {LABEL_NAME}"
-        )
-    if pixels.dtype != np.uint8 or pixels.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise EvaluationError(f"pixels must be uint8 [N, {IMAGE_SIZE}, {IMAGE_SIZE}], got {pixels.dtype}{pixels.shape}")
-    probs = [np.zeros((0, NUM_CLASSES), np.float32)]
-    labels = [np.zeros(0, np.int64)]
-    for start in range(0, len(pixels), batch_size):
-        p, y = session.run([PROBABILITIES_NAME, LABEL_NAME], {INPUT_NAME: pixels[start : start + batch_size]})
-        probs.append(p)
-        labels.append(y)
-    probabilities, label = np.concatenate(probs), np.concatenate(labels)
-    if probabilities.shape != (len(pixels), NUM_CLASSES) or label.shape != (len(pixels),):
-        raise EvaluationError(f"{onnx_path} returned shapes {probabilities.shape}, {label.shape} for {len(pixels)} images")
-    if len(label) and (label.min() < 0 or label.max() >= NUM_CLASSES):
-        raise EvaluationError(f"{onnx_path} predicted labels outside [0, {NUM_CLASSES})")
-    return probabilities, label.astype(np.int64)
+        return predict(onnx_path, pixels, batch_size=batch_size)
+    except (SessionError, ContractError) as e:
+        raise EvaluationError(str(e)) from e
 
 
 def _check(name: str, what: str, observed: float, required: float) -> tuple[bool, str]:

@@ -81,18 +81,6 @@ class ExportReport:
         return d
 
 
-def _cpu_session(model: str | Path | bytes):
-    """An ONNX Runtime session on the CPU provider. Parity is defined against CPU so
-    the gate does not depend on which machine runs the export."""
-    import onnxruntime as ort  # heavy import, only needed when running a model
-
-    source = str(model) if isinstance(model, Path) else model
-    try:
-        return ort.InferenceSession(source, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own exception types
-        raise ExportError(f"ONNX Runtime cannot load the model: {e}") from e
-
-
 def check_onnx_contract(proto: onnx.ModelProto) -> None:
     """Raise :class:`ExportError` unless ``proto``'s inputs, outputs, dtypes, shapes and
     opset are exactly those of :mod:`kiln.contract` (batch dimension symbolic)."""
@@ -149,6 +137,7 @@ def check_parity(
     number of disagreeing labels. Also raises :class:`ExportError` if the outputs'
     dtypes or shapes are not the contract's.
     """
+    from kiln.runtime import ContractError, SessionError, SessionSettings, create_session, run_contract
     from kiln.train import ServingModel, load_checkpoint
 
     if len(val_df) == 0:
@@ -156,17 +145,21 @@ def check_parity(
     pixels, _ = to_arrays(val_df)
     _, net = load_checkpoint(checkpoint_path)
     serving = ServingModel(net).eval()
-    session = _cpu_session(Path(onnx_path))
+    # The server's session settings on the CPU provider: parity is defined against CPU so
+    # the gate does not depend on which machine runs the export.
+    try:
+        session = create_session(Path(onnx_path), SessionSettings(device="cpu"))
+    except SessionError as e:
+        raise ExportError(str(e)) from e
     imports = onnx.load(str(onnx_path), load_external_data=False).opset_import
     opset = next((o.version for o in imports if o.domain in ("", "ai.onnx")), 0)
 
     def run_both(batch: np.ndarray) -> tuple[float, int]:
-        onnx_p, onnx_l = session.run([PROBABILITIES_NAME, LABEL_NAME], {INPUT_NAME: batch})
+        try:
+            onnx_p, onnx_l = run_contract(session, batch)
+        except ContractError as e:
+            raise ExportError(str(e)) from e
         n = len(batch)
-        if onnx_p.dtype != np.float32 or onnx_p.shape != (n, NUM_CLASSES):
-            raise ExportError(f"{PROBABILITIES_NAME}: got {onnx_p.dtype}{onnx_p.shape}, want float32({n}, {NUM_CLASSES})")
-        if onnx_l.dtype != np.int64 or onnx_l.shape != (n,):
-            raise ExportError(f"{LABEL_NAME}: got {onnx_l.dtype}{onnx_l.shape}, want int64({n},)")
         torch_p, torch_l = _torch_proba(serving, batch)
         diff = float(np.max(np.abs(onnx_p.astype(np.float64) - torch_p))) if n else 0.0
         if not np.isfinite(diff):  # NaN must fail the gate; Python's max() below would drop it
@@ -450,7 +443,7 @@ def export_variants(
     that does not ship has its file removed and says why in ``reason``. A variant whose
     converter is unavailable is recorded with ``ships: False`` and the reason.
     """
-    from kiln.evaluate import EvaluationError, predict_onnx
+    from kiln.runtime import ContractError, SessionError, predict
 
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     unknown = sorted(set(variants) - set(VARIANTS))
@@ -460,7 +453,7 @@ def export_variants(
         raise ValueError("variants need at least one evaluation image")
     out_dir.mkdir(parents=True, exist_ok=True)
     pixels, labels = to_arrays(eval_df)
-    _, base_pred = predict_onnx(onnx_path, pixels)
+    _, base_pred = predict(onnx_path, pixels)
     base_acc = float(np.mean(base_pred == labels))
     calibration_pixels = to_arrays(eval_df if calibration_df is None else calibration_df)[0][:CALIBRATION_IMAGES]
     builders = {"int8": _quantize_int8_static, "fp16": _convert_fp16, "int8_dynamic": _quantize_int8_dynamic}
@@ -472,10 +465,10 @@ def export_variants(
         try:
             entry["method"] = builders[name](onnx_path, dst, np.ascontiguousarray(calibration_pixels))
             check_onnx_contract(onnx.load(str(dst)))
-            _, pred = predict_onnx(dst, pixels)
+            _, pred = predict(dst, pixels)
         except ImportError as e:
             entry["reason"] = f"converter not available: {e}"
-        except (ExportError, EvaluationError, ValueError, RuntimeError) as e:
+        except (ExportError, SessionError, ContractError, ValueError, RuntimeError) as e:
             entry["reason"] = f"variant failed: {e}"
         else:
             acc = float(np.mean(pred == labels))

@@ -217,6 +217,7 @@ def test_batcher_keeps_incompatible_shapes_apart_and_respects_the_row_limit() ->
     assert sorted(predictor.runs) == [2, 2, 4]
 
 
+@pytest.mark.load
 def test_a_lone_request_does_not_wait_for_the_queue_delay() -> None:
     # A one-second delay would show in queue_s if an idle batcher held the batch open.
     predictor = FakePredictor()
@@ -231,6 +232,7 @@ def test_a_lone_request_does_not_wait_for_the_queue_delay() -> None:
     assert all(r.queue_s < 0.5 for r in results), [r.queue_s for r in results]
 
 
+@pytest.mark.load
 def test_the_batch_waits_for_an_announced_request_and_no_longer_than_the_delay() -> None:
     predictor = FakePredictor()
 

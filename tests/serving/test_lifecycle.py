@@ -66,6 +66,16 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.access_log is False
 
 
+def test_help_lists_every_flag_and_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--store", "--model", "--host", "--port", "--no-batching", "--max-queue-delay-us", "--device", "--variant"):
+        assert flag in text, flag
+    assert "KILN_" in text  # says where a flag left out comes from
+
+
 @pytest.mark.parametrize(
     "argv, env",
     [
@@ -92,6 +102,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.load
 def test_sigterm_under_load_drains_and_fails_no_accepted_request(make_store, models, make_digits) -> None:
     root = make_store(production="1")
     port = _free_port()

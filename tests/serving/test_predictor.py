@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -10,17 +9,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from kiln.serving.predictor import (
-    PLATFORM,
-    InferenceInputError,
-    ModelLoadError,
-    OnnxPredictor,
-    cpu_quota,
-    providers_from_env,
-)
+from kiln.runtime import SessionSettings
+from kiln.serving.predictor import PLATFORM, InferenceInputError, ModelLoadError, OnnxPredictor
 from kiln.store import ModelStore
 
 MODEL = "mnist"
+ONE_THREAD = SessionSettings(intra_op_threads=1)
 
 
 @pytest.fixture
@@ -30,13 +24,13 @@ def store(make_store) -> ModelStore:
 
 @pytest.fixture
 def predictor(store: ModelStore) -> OnnxPredictor:
-    p = OnnxPredictor(store.get(MODEL, "1"), intra_op_threads=1)
+    p = OnnxPredictor(store.get(MODEL, "1"), session=ONE_THREAD)
     p.load()
     return p
 
 
 def test_load_makes_ready_and_metadata_comes_from_the_graph(store: ModelStore) -> None:
-    p = OnnxPredictor(store.get(MODEL, "1"), intra_op_threads=1)
+    p = OnnxPredictor(store.get(MODEL, "1"), session=ONE_THREAD)
     assert not p.ready
     with pytest.raises(ModelLoadError):
         p.metadata()
@@ -98,7 +92,7 @@ def test_predict_before_load_is_an_error(store: ModelStore, make_digits) -> None
 
 
 def test_checksum_mismatch_refuses_to_load(store: ModelStore) -> None:
-    p = OnnxPredictor(store.get(MODEL, "3"), intra_op_threads=1)
+    p = OnnxPredictor(store.get(MODEL, "3"), session=ONE_THREAD)
     with pytest.raises(ModelLoadError, match="checksum mismatch"):
         p.load()
     assert not p.ready
@@ -109,7 +103,7 @@ def test_tampered_model_file_refuses_to_load(store: ModelStore) -> None:
     with open(version.onnx_path, "ab") as f:
         f.write(b"\0")
     with pytest.raises(ModelLoadError, match="checksum mismatch"):
-        OnnxPredictor(version, intra_op_threads=1).load()
+        OnnxPredictor(version, session=ONE_THREAD).load()
 
 
 def test_missing_checksum_refuses_to_load(store: ModelStore) -> None:
@@ -124,7 +118,7 @@ def test_invalid_onnx_with_matching_checksum_is_a_load_error(tmp_path: Path) -> 
     bogus.write_bytes(b"this is not a protobuf")
     version = ModelStore(tmp_path / "store").add_version(MODEL, bogus, {})
     with pytest.raises(ModelLoadError, match="cannot load") as info:
-        OnnxPredictor(version, intra_op_threads=1).load()
+        OnnxPredictor(version, session=ONE_THREAD).load()
     assert info.value.__cause__ is not None
 
 
@@ -139,44 +133,9 @@ def test_float_inputs_must_be_finite(tmp_path: Path) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
     onnx.save(model, tmp_path / "f.onnx")
-    p = OnnxPredictor(ModelStore(tmp_path / "store").add_version("f", tmp_path / "f.onnx", {}), intra_op_threads=1)
+    p = OnnxPredictor(ModelStore(tmp_path / "store").add_version("f", tmp_path / "f.onnx", {}), session=ONE_THREAD)
     p.load()
     np.testing.assert_array_equal(p.predict({"x": np.array([[-1, 0, 2]], np.float32)})["y"], [[0, 0, 2]])
     for bad in (np.nan, np.inf, -np.inf):
         with pytest.raises(InferenceInputError, match="NaN or infinity"):
             p.predict({"x": np.array([[0, bad, 0]], np.float32)})
-
-
-@pytest.mark.parametrize(
-    ("content", "expected"),
-    [
-        ("max 100000\n", os.cpu_count()),
-        ("100000 100000\n", 1),
-        ("150000 100000\n", min(2, os.cpu_count() or 1)),
-        ("1000 100000\n", 1),  # a fraction of a CPU still needs one thread
-        ("garbage\n", os.cpu_count()),
-    ],
-)
-def test_cpu_quota_reads_cgroup_cpu_max(tmp_path: Path, content: str, expected: int) -> None:
-    path = tmp_path / "cpu.max"
-    path.write_text(content)
-    assert cpu_quota(path) == expected
-
-
-def test_cpu_quota_without_cgroup_file_is_the_cpu_count(tmp_path: Path) -> None:
-    assert cpu_quota(tmp_path / "absent") == os.cpu_count()
-
-
-def test_cuda_is_requested_when_a_gpu_is_present_or_the_deployment_says_so(tmp_path: Path) -> None:
-    no_gpu = tmp_path / "no-driver"
-    assert providers_from_env({}, gpu_dir=no_gpu) == ["CPUExecutionProvider"]
-    gpus = tmp_path / "gpus"
-    gpus.mkdir()
-    assert providers_from_env({"KILN_DEVICE": "auto"}, gpu_dir=gpus) == ["CPUExecutionProvider"]  # driver, no GPU
-    (gpus / "0000:00:1e.0").mkdir()
-    assert providers_from_env({}, gpu_dir=gpus) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert providers_from_env({"KILN_DEVICE": "cpu"}, gpu_dir=gpus) == ["CPUExecutionProvider"]
-    with pytest.raises(ValueError, match="KILN_DEVICE must be auto, cuda or cpu, got 'tpu'"):
-        providers_from_env({"KILN_DEVICE": "tpu"})
-    assert providers_from_env({"KILN_DEVICE": "cpu"}) == ["CPUExecutionProvider"]
-    assert providers_from_env({"KILN_DEVICE": "cuda"}) == ["CUDAExecutionProvider", "CPUExecutionProvider"]

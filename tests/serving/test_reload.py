@@ -11,7 +11,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kiln.serving.predictor import ModelLoadError
-from kiln.serving.server import ApiError, ModelRepository, create_app
+from kiln.runtime import SessionSettings
+from kiln.serving.errors import ApiError
+from kiln.serving.repository import ModelRepository
+from kiln.serving.server import create_app
 from kiln.store import ModelStore
 
 MODEL = "mnist"
@@ -133,7 +136,7 @@ def test_repository_keeps_the_last_n_versions_and_never_evicts_production(make_s
     v1_onnx = store.get(MODEL, "1").onnx_path
     store.add_version(MODEL, v1_onnx, {})  # version 3, a good one
     events: list[tuple[str, bool]] = []
-    repo = ModelRepository(store, MODEL, providers=["CPUExecutionProvider"], intra_op_threads=1,
+    repo = ModelRepository(store, MODEL, session=SessionSettings(device="cpu", intra_op_threads=1),
                            keep_versions=2, on_load=lambda v, ok: events.append((v, ok)))
     repo.load_production()
     assert repo.loaded_versions() == ["1"]

@@ -9,6 +9,7 @@ import httpx
 import numpy as np
 import pytest
 
+from kiln.runtime import SessionSettings
 from kiln.serving.predictor import ModelLoadError, OnnxPredictor
 from kiln.serving.server import create_app, parse_args
 from kiln.store import ModelStore
@@ -66,8 +67,8 @@ def test_a_tampered_variant_is_refused(tmp_path, models, variant_model) -> None:
         "variants"]["int8"] == {"accuracy_drop": 0.001, "file": "model.int8.onnx", "sha256": sha}
     path.write_bytes(path.read_bytes() + b"\0")
     with pytest.raises(ModelLoadError, match="checksum mismatch.*model.int8.onnx"):
-        OnnxPredictor(version, intra_op_threads=1, variant="int8").load()
-    fallback = OnnxPredictor(store.get(MODEL, "2"), intra_op_threads=1, variant="int8")
+        OnnxPredictor(version, session=SessionSettings(intra_op_threads=1), variant="int8").load()
+    fallback = OnnxPredictor(store.get(MODEL, "2"), session=SessionSettings(intra_op_threads=1), variant="int8")
     fallback.load()
     assert fallback.served_file.name == "model.onnx"
 

@@ -12,10 +12,12 @@ into every pod for each Service, so a Service named ``kiln`` would otherwise set
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from kiln.runtime import SessionSettings
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 
@@ -48,3 +50,48 @@ class ServerSettings(BaseSettings):
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="ONNX Runtime device (auto: CUDA when the NVIDIA driver sees a GPU)"
     )
+
+    def session_settings(self) -> SessionSettings:
+        """How ONNX Runtime runs the served model (intra-op threads: the CPU quota)."""
+        return SessionSettings(device=self.device)
+
+
+FLAG_ONLY = frozenset({"host", "port"})
+"""``ServeCommand`` fields never read from the environment (see the module docstring)."""
+
+
+class ServeCommand(ServerSettings):
+    """Serve the production model over KServe V2 REST.
+
+    Every flag left out falls back to its KILN_* environment variable (--max-batch-size:
+    KILN_MAX_BATCH_SIZE, --store: KILN_MODEL_STORE), then to its default; --host and
+    --port are flags only.
+    """
+
+    model_config = SettingsConfigDict(
+        cli_prog_name="kiln serve",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_shortcuts={"model-store": "store", "model-name": "model"},
+    )
+
+    host: str = Field("127.0.0.1", description="bind address (flag only)")
+    port: int = Field(8080, ge=0, le=65535, description="port (flag only)")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[Any, ...]:
+        def env_without_flag_only() -> dict[str, Any]:
+            return {k: v for k, v in env_settings().items() if k not in FLAG_ONLY}
+
+        return init_settings, env_without_flag_only, dotenv_settings, file_secret_settings
+
+    def server_settings(self) -> ServerSettings:
+        """The ``ServerSettings`` part, as its own (already validated) object."""
+        return ServerSettings.model_construct(**self.model_dump(exclude=set(FLAG_ONLY)))

@@ -1,6 +1,8 @@
 """One stored model version behind an ONNX Runtime session, with a load/ready/predict lifecycle.
 
-The predictor speaks numpy and V2 datatype names; it knows nothing about HTTP. Errors
+The session comes from :mod:`kiln.runtime` (``SessionSettings``), the same code and
+settings evaluation runs the model with. The predictor speaks numpy and V2 datatype
+names; it knows nothing about HTTP. Errors
 are typed so the server can map them: ``InferenceInputError`` is the caller's fault
 (HTTP 400), ``ModelLoadError`` means the version cannot be served, and
 ``InferenceError`` is a failure inside the runtime on valid input.
@@ -9,8 +11,6 @@ are typed so the server can map them: ``InferenceInputError`` is the caller's fa
 from __future__ import annotations
 
 import logging
-import math
-import os
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+from tritonclient.utils import triton_to_np_dtype
 
+from kiln.runtime import SessionError, SessionSettings, create_session
 from kiln.store import ModelVersion, StoreError, sha256_file
 
 log = logging.getLogger(__name__)
@@ -28,10 +29,7 @@ log = logging.getLogger(__name__)
 PLATFORM = "onnxruntime_onnx"
 """The V2 ``platform`` string Triton and KServe use for ONNX Runtime models."""
 
-CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
-
-# ONNX Runtime type strings -> V2 datatypes -> numpy dtypes. Numpy dtypes are pinned to
-# little endian because V2 binary tensor data is little endian.
+# ONNX Runtime type strings -> V2 datatypes.
 _ORT_TO_V2: dict[str, str] = {
     "tensor(bool)": "BOOL",
     "tensor(uint8)": "UINT8",
@@ -48,20 +46,9 @@ _ORT_TO_V2: dict[str, str] = {
     "tensor(string)": "BYTES",
 }
 
+# V2 binary tensor data is little endian: pinned, whatever the host's byte order.
 V2_TO_NUMPY: dict[str, np.dtype[Any]] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype("<u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-    "BYTES": np.dtype(np.object_),
+    datatype: np.dtype(triton_to_np_dtype(datatype)).newbyteorder("<") for datatype in _ORT_TO_V2.values()
 }
 """V2 datatype -> the numpy dtype a tensor of that datatype is held in (BYTES: objects)."""
 
@@ -95,54 +82,6 @@ class TensorSpec:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
 
 
-def cpu_quota(cpu_max: Path = CPU_MAX) -> int:
-    """CPUs this process may use: the cgroup v2 quota rounded up, capped by os.cpu_count().
-
-    Without a cgroup limit (no file, or ``max``) this is os.cpu_count(). Sizing ONNX
-    Runtime's pool from the host's core count inside a container with a small quota
-    makes its threads fight over the quota and get throttled.
-    """
-    cores = os.cpu_count() or 1
-    try:
-        quota, period = cpu_max.read_text().split()[:2]
-        if quota == "max":
-            return cores
-        return max(1, min(cores, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        return cores
-
-
-NVIDIA_GPU_DIR = Path("/proc/driver/nvidia/gpus")
-"""One entry per GPU the NVIDIA driver sees; present in a container that was given a GPU."""
-
-
-def providers_from_env(env: Mapping[str, str] | None = None, gpu_dir: Path = NVIDIA_GPU_DIR) -> list[str]:
-    """Execution providers for the device ``KILN_DEVICE`` names (see :func:`providers_for`)."""
-    env = os.environ if env is None else env
-    return providers_for(env.get("KILN_DEVICE", "auto"), gpu_dir)
-
-
-def providers_for(device: str, gpu_dir: Path = NVIDIA_GPU_DIR) -> list[str]:
-    """Execution providers to ask for on ``device``: ``cuda``, ``cpu``, or ``auto`` (CUDA
-    first when the NVIDIA driver sees a GPU, else CPU only).
-
-    ONNX Runtime lists CUDAExecutionProvider as available whenever the GPU wheel is
-    installed, GPU or not (asking for it then logs an error and falls back), so its
-    list says nothing; the driver's GPU list does.
-    """
-    device = device.strip().lower() or "auto"
-    if device not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"KILN_DEVICE must be auto, cuda or cpu, got {device!r}")
-    if device == "auto":
-        try:
-            device = "cuda" if any(gpu_dir.iterdir()) else "cpu"
-        except OSError:  # no NVIDIA driver
-            device = "cpu"
-    if device == "cuda":
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
-
 def _spec(arg: Any) -> TensorSpec:
     datatype = _ORT_TO_V2.get(arg.type)
     if datatype is None:
@@ -161,21 +100,15 @@ class OnnxPredictor:
     """
 
     def __init__(
-        self,
-        model_version: ModelVersion,
-        *,
-        providers: Sequence[str] | None = None,
-        intra_op_threads: int | None = None,
-        variant: str = "",
+        self, model_version: ModelVersion, *, session: SessionSettings | None = None, variant: str = ""
     ) -> None:
         self.model_version = model_version
         self.variant = variant
         """The stored variant asked for ("" = the fp32 model.onnx)."""
         self.served_file: Path | None = None
         """The ONNX file actually served, once loaded."""
-        self.providers = list(providers) if providers is not None else ["CPUExecutionProvider"]
-        self.intra_op_threads = intra_op_threads if intra_op_threads is not None else cpu_quota()
-        self._session: ort.InferenceSession | None = None
+        self.session_settings = SessionSettings() if session is None else session
+        self._session: Any = None  # the onnxruntime.InferenceSession, once loaded
         self._inputs: tuple[TensorSpec, ...] = ()
         self._outputs: tuple[TensorSpec, ...] = ()
         self._lock = threading.Lock()
@@ -229,18 +162,8 @@ class OnnxPredictor:
                 # A file that is not what was evaluated and deployed must never be served.
                 raise ModelLoadError(f"checksum mismatch for {path}: model.json says {expected}, file is {actual}")
 
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = self.intra_op_threads
-            # Requests already run concurrently in the server's thread pool; a second
-            # (inter-op) pool per request would only oversubscribe the CPU quota.
-            options.inter_op_num_threads = 1
-            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            options.log_severity_level = 3
-            # Idle intra-op threads spin by default, burning the CPU that the HTTP side of
-            # the server needs between inferences; blocking instead costs a wake-up.
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             try:
-                session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
+                session = create_session(path, self.session_settings)
                 inputs = tuple(_spec(a) for a in session.get_inputs())
                 outputs = tuple(_spec(a) for a in session.get_outputs())
                 # Warm-up: the first run allocates arenas and picks kernels; pay that
@@ -249,22 +172,20 @@ class OnnxPredictor:
                 session.run(None, {s.name: _warmup_tensor(s) for s in inputs})
             except ModelLoadError:
                 raise
-            except Exception as e:  # ONNX Runtime has many error types (InvalidGraph, NoSuchFile, Fail...)
+            except SessionError as e:
+                raise ModelLoadError(str(e)) from e
+            except Exception as e:  # ONNX Runtime has many error types (InvalidArgument, Fail...)
                 raise ModelLoadError(f"cannot load {path}: {e}") from e
             self._inputs, self._outputs = inputs, outputs
             self.served_file = path
             self._session = session
-            if self.providers[0] not in session.get_providers():
-                # ONNX Runtime falls back to the next provider on its own; say so, since a
-                # GPU deployment quietly running on CPU shows up only as latency.
-                log.warning("%s was requested but is unusable here; running on %s", self.providers[0], session.get_providers())
             log.info(
                 "loaded %s version %s (%s) with %s, %d intra-op threads",
                 self.name,
                 self.version,
                 path.name,
                 session.get_providers(),
-                self.intra_op_threads,
+                self.session_settings.intra_op_threads,
             )
 
     def metadata(self, versions: Sequence[str] | None = None) -> dict[str, Any]:
@@ -325,7 +246,7 @@ class OnnxPredictor:
             raise InferenceError(f"inference failed: {e}") from e
         return dict(zip(names, results, strict=True))
 
-    def _require_ready(self) -> ort.InferenceSession:
+    def _require_ready(self) -> Any:
         if self._session is None:
             raise ModelLoadError(f"{self.name} version {self.version} is not loaded")
         return self._session
