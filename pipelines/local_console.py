@@ -141,7 +141,7 @@ class StepView:
         self._line(task, outcome, self.clock() - step.started, started=True)
 
     def _line(self, task: str, outcome: str, seconds: float, started: bool = False) -> None:
-        head = "\r\x1b[K" + f"  {task:<{NAME_WIDTH}} " if self.tty or not started else ""
+        head = ("\r\x1b[K" if self.tty else "") + (f"  {task:<{NAME_WIDTH}} " if self.tty or not started else "")
         self.out.write(f"{head}{outcome:<10} {_duration(seconds):>7}\n")
         self.out.flush()
         self.finished.append((task, outcome))

@@ -16,6 +16,7 @@ import argparse
 import datetime as dt
 import io
 import json
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -198,11 +199,17 @@ def check_args(args: argparse.Namespace) -> None:
         return  # a git URL: the resolve step reports what is wrong with it
     from kiln.ingest import IngestError, resolve
 
+    ingest_log = logging.getLogger("kiln.ingest")
+    saved_level = ingest_log.level
+    ingest_log.setLevel(logging.ERROR)  # its "recording as dirty" warning: refused below instead
     try:
         resolved = resolve(str(Path(args.data_repo).resolve()), args.data_rev)
     except IngestError as e:
-        hint = "pass a git tag, branch or commit of it" if args.data_rev else "run `kiln data bootstrap` or `dvc pull`"
+        hint = ("pass --data-rev a tag, branch or commit of that repository (`git tag` lists the tags)"
+                if args.data_rev else "run `kiln data bootstrap` or `dvc pull`")
         raise DataError(f"{e}; {hint}") from e
+    finally:
+        ingest_log.setLevel(saved_level)
     if "+dirty." in resolved.data_version and not args.allow_dirty:
         raise DataError(f"data/ in {args.data_repo} differs from data.dvc (changed without `dvc add`): run "
                         "`dvc add data` to record the change as a new data version, `dvc checkout data` to undo "
