@@ -28,6 +28,13 @@ from pipelines.local_console import StepView, capture, console_stream
 from pipelines.training_pipeline import DEFAULT_IMAGE, PIPELINE_NAME, UNCACHED, build_pipeline
 
 LOG_FILE = "kiln-run.log"
+# What to do when a step fails, beyond its own error (which says what is wrong).
+STEP_HINTS = {
+    "resolve": "check --data-repo and --data-rev",
+    "ingest": "check that the data's DVC remote is reachable and its credentials (`dvc pull` in that repository "
+              "shows the same error)",
+    "validate": "the validation report in the step's folder lists the failed expectations",
+}
 
 
 def parse_args(argv: list[str], repo_root: Path) -> argparse.Namespace:
@@ -100,7 +107,8 @@ def _run_with_console(pipeline, args: argparse.Namespace, run_root: Path, consol
             view.close()
     if failure is not None:
         step, error = next(iter(view.failed.items()), ("?", None))
-        raise StepFailedError(step, error or str(failure), str(log_path)) from failure
+        hint = STEP_HINTS.get(step, "")
+        raise StepFailedError(step, (error or str(failure)) + (f"; {hint}" if hint else ""), str(log_path)) from failure
 
 
 def write_metadata_only_artifacts(run_root: Path) -> list[Path]:
