@@ -22,9 +22,10 @@ contract and its ``version_policy`` names the production version only; it is rew
 repository (``--model-control-mode=poll``) serves what the alias says.
 
 Every move of an alias is audited: the version it now points at gets a line (who,
-when, from, to, why) appended under ``audit`` in its ``model.json``; :meth:`ModelStore.history`
-collects them and :meth:`ModelStore.rollback` follows them back. Moves are serialized by a
-lock file, so two concurrent promotions cannot interleave their alias and audit writes.
+when, from, to, why) appended under ``audit`` in its ``model.json``;
+:meth:`ModelStore.history` collects them and :meth:`ModelStore.rollback_target` follows
+them back. Moves are serialized by a lock on the model's folder, so two concurrent
+promotions cannot interleave their alias and audit writes.
 """
 
 from __future__ import annotations
@@ -54,7 +55,6 @@ TRITON_CONFIG = "config.pbtxt"
 TRITON_MAX_BATCH_SIZE = 64
 DIR_MODE = 0o755
 FILE_MODE = 0o644
-LOCK_FILE = ".alias.lock"
 
 
 class StoreError(KilnError, RuntimeError):
@@ -273,13 +273,14 @@ class ModelStore:
 
     @contextmanager
     def _alias_lock(self, model: str) -> Iterator[None]:
-        model_dir = self._model_dir(model)
-        with open(model_dir / LOCK_FILE, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        # The model folder itself is the lock (flock works on a directory's descriptor): no
+        # lock file for Triton or a reader to trip over.
+        fd = os.open(self._model_dir(model), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
 
     def set_alias(self, model: str, version: str, alias: str = PRODUCTION, reason: str = "",
                   who: str | None = None, action: str = "set") -> dict[str, Any] | None:
