@@ -137,7 +137,8 @@ class StepView:
             step.bar.close()
         if status != "SUCCESS":
             self.failed[task] = step_error(list(step.lines))
-        outcome = "FAILED" if status != "SUCCESS" else ("cache miss" if self.caching and task not in self.uncached else "ran")
+        cached = self.caching and task not in self.uncached
+        outcome = "FAILED" if status != "SUCCESS" else ("cache miss" if cached else "ran")
         self._line(task, outcome, self.clock() - step.started, started=True)
 
     def _line(self, task: str, outcome: str, seconds: float, started: bool = False) -> None:
