@@ -18,7 +18,7 @@ Two baselines are measured in the same run on the same ONNX files:
 
 Models: (1) ``tiny``, kiln's default CNN (``TrainConfig(model="cnn")``, seeded and
 untrained: throughput does not depend on the weights) exported by ``kiln.export.export_onnx``
-(contract and parity checks included); (2) ``heavy``, the same contract (``kiln.train.ServingModel``
+(contract and parity checks included); (2) ``heavy``, the same contract (``kiln.models.ServingModel``
 around a wider CNN with a two-layer 2048-unit head, see ``--heavy-*``) whose batch-1
 inference takes 1 ms or more here (measured and recorded). Both are put in a model
 store with ``kiln.deploy.deploy`` (model.json with sha256, ``production`` alias), which
@@ -314,7 +314,8 @@ def build_models(work: Path, store: Path, images: np.ndarray, labels: np.ndarray
 
     from kiln.deploy import deploy
     from kiln.export import _export_proto, check_onnx_contract, export_onnx
-    from kiln.train import ServingModel, TrainConfig, build_model
+    from kiln.models import ServingModel, build_model
+    from kiln.train import TrainConfig
 
     models: dict[str, dict[str, Any]] = {}
     # tiny: kiln's own architecture and export path (contract + parity gate) on real digits

@@ -165,8 +165,8 @@ def _schedule_change(module, conn, args, root: Path) -> str:
 
 def _kfp_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=os.environ.get("KFP_HOST"), help="KFP API endpoint (env KFP_HOST)")
-    p.add_argument("--namespace", default=os.environ.get("KFP_NAMESPACE", "kubeflow"),
-                   help="Kubeflow profile namespace (env KFP_NAMESPACE; default kubeflow)")
+    p.add_argument("--namespace", default=os.environ.get("KFP_NAMESPACE", "kubeflow-user-example-com"),
+                   help="Kubeflow profile namespace (env KFP_NAMESPACE; default kubeflow-user-example-com, where k8s/ puts the model store)")
     auth = p.add_mutually_exclusive_group()
     auth.add_argument("--token", default=os.environ.get("KFP_TOKEN"),
                       help="bearer token (env KFP_TOKEN); in a pod the service-account token of "

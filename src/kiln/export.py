@@ -1,6 +1,6 @@
 """Export a training checkpoint to one self-contained ONNX file, and prove it matches.
 
-The exported graph is :class:`kiln.train.ServingModel`: uint8 ``pixels`` [N, 28, 28]
+The exported graph is :class:`kiln.models.ServingModel`: uint8 ``pixels`` [N, 28, 28]
 in, ``probabilities`` float32 [N, 10] and ``label`` int64 [N] out, opset
 ``contract.ONNX_OPSET``, with a dynamic batch dimension (see :mod:`kiln.contract`).
 
@@ -9,6 +9,10 @@ An export is only written under its final name after it has passed
 against the contract, and a parity check: ONNX Runtime on CPU and PyTorch must agree
 on every validation image (probabilities within ``atol``, identical labels) at batch
 sizes 1, 7 and 1024 as well as over the whole table.
+
+Data roles: the parity gate and the choice of int8/fp16 variants run on the
+validation split (int8 calibration on training images); the test split is left to the
+final evaluation, so the figures reported there are not the ones variants were picked on.
 """
 
 from __future__ import annotations
@@ -137,8 +141,9 @@ def check_parity(
     number of disagreeing labels. Also raises :class:`ExportError` if the outputs'
     dtypes or shapes are not the contract's.
     """
+    from kiln.checkpoint import load_checkpoint
+    from kiln.models import ServingModel
     from kiln.runtime import ContractError, SessionError, SessionSettings, create_session, run_contract
-    from kiln.train import ServingModel, load_checkpoint
 
     if len(val_df) == 0:
         raise ValueError("parity check needs at least one validation image")
@@ -236,22 +241,23 @@ def export_onnx(
     metadata: Mapping[str, str],
     atol: float = 1e-4,
 ) -> ExportReport:
-    """Export the checkpoint's :class:`~kiln.train.ServingModel` to ``onnx_path``.
+    """Export the checkpoint's :class:`~kiln.models.ServingModel` to ``onnx_path``.
 
     ``metadata`` (e.g. ``data_version``) is written to the model's ``metadata_props``
-    beside ``kiln_version``, ``git_commit`` (:func:`kiln.deploy.git_commit` unless
+    beside ``kiln_version``, ``git_commit`` (:func:`kiln.provenance.git_commit` unless
     ``metadata`` names one), ``train_config`` (JSON), ``train_metrics`` (JSON: the best
     epoch's validation loss and accuracy), ``class_labels`` (JSON list), ``onnx_opset``
     and ``contract``; its keys must be strings that are not in :data:`RESERVED_METADATA`
-    and its values strings. ``val_df`` is the table the parity gate runs over (the
-    export step passes the test split).
+    and its values strings. ``val_df`` is the table the parity gate runs over: the
+    validation split (the test split stays untouched until final evaluation).
 
     The file is written under a temporary name and renamed to ``onnx_path`` only after
     ``onnx.checker`` (full), the contract check and :func:`check_parity` pass; on any
     failure nothing is left at ``onnx_path`` and :class:`ExportError` or
     :class:`ExportParityError` is raised.
     """
-    from kiln.train import ServingModel, load_checkpoint
+    from kiln.checkpoint import load_checkpoint, read_checkpoint
+    from kiln.models import ServingModel
 
     onnx_path = Path(onnx_path)
     clash = sorted(set(metadata) & set(RESERVED_METADATA))
@@ -261,41 +267,14 @@ def export_onnx(
     if bad:
         raise ValueError(f"metadata must map str to str; offending entries (value types): {bad}")
 
-    from kiln.deploy import git_commit
-    from kiln.train import read_checkpoint
-
     config, net = load_checkpoint(checkpoint_path)
     proto = _export_proto(ServingModel(net).eval())
-    ckpt = read_checkpoint(checkpoint_path)
-    best = next((row for row in ckpt.get("history", []) if row.get("epoch") == ckpt.get("best_epoch")), {})
-    train_metrics = {"best_epoch": ckpt.get("best_epoch"),
-                     **{k: best[k] for k in ("val_loss", "val_accuracy") if k in best}}
-
-    # Metadata travels inside the file, so a model found on disk explains itself.
-    props = {
-        "kiln_version": kiln.__version__,
-        "git_commit": git_commit(),
-        "train_config": json.dumps(config.to_dict(), sort_keys=True),
-        "train_metrics": json.dumps(train_metrics, sort_keys=True),
-        "class_labels": json.dumps(list(CLASS_LABELS)),
-        "onnx_opset": str(ONNX_OPSET),
-        "contract": f"{INPUT_NAME}: uint8[N,{IMAGE_SIZE},{IMAGE_SIZE}] -> "
-        f"{PROBABILITIES_NAME}: float32[N,{NUM_CLASSES}], {LABEL_NAME}: int64[N]",
-        **dict(metadata),
-    }
+    props = _lineage(config, read_checkpoint(checkpoint_path), metadata)
     del proto.metadata_props[:]
     for key, value in props.items():
         proto.metadata_props.add(key=key, value=value)
     proto.doc_string = "kiln digit classifier; " + props["contract"]
-
-    try:
-        # full_check runs strict shape inference too; infer_shapes(strict) makes sure
-        # every intermediate value gets a type, which some runtimes rely on.
-        onnx.checker.check_model(proto, full_check=True)
-        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise ExportError(f"exported graph fails onnx.checker: {e}") from e
-    check_onnx_contract(proto)
+    _check_graph(proto)
 
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{onnx_path.name}.", suffix=".onnx", dir=onnx_path.parent)
@@ -308,6 +287,39 @@ def export_onnx(
     finally:
         tmp.unlink(missing_ok=True)
     return report
+
+
+def _lineage(config: Mapping[str, Any], ckpt: Mapping[str, Any], metadata: Mapping[str, str]) -> dict[str, str]:
+    """The ``metadata_props`` of an export: metadata travels inside the file, so a model
+    found on disk explains itself (code, data, training config and metrics, labels)."""
+    from kiln.provenance import git_commit
+
+    best = next((row for row in ckpt.get("history", []) if row.get("epoch") == ckpt.get("best_epoch")), {})
+    train_metrics = {"best_epoch": ckpt.get("best_epoch"),
+                     **{k: best[k] for k in ("val_loss", "val_accuracy") if k in best}}
+    return {
+        "kiln_version": kiln.__version__,
+        "git_commit": git_commit(),
+        "train_config": json.dumps(dict(config), sort_keys=True),
+        "train_metrics": json.dumps(train_metrics, sort_keys=True),
+        "class_labels": json.dumps(list(CLASS_LABELS)),
+        "onnx_opset": str(ONNX_OPSET),
+        "contract": f"{INPUT_NAME}: uint8[N,{IMAGE_SIZE},{IMAGE_SIZE}] -> "
+        f"{PROBABILITIES_NAME}: float32[N,{NUM_CLASSES}], {LABEL_NAME}: int64[N]",
+        **dict(metadata),
+    }
+
+
+def _check_graph(proto: onnx.ModelProto) -> None:
+    """onnx.checker (full) and strict shape inference, then the contract; ExportError otherwise."""
+    try:
+        # full_check runs strict shape inference too; infer_shapes(strict) makes sure
+        # every intermediate value gets a type, which some runtimes rely on.
+        onnx.checker.check_model(proto, full_check=True)
+        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ExportError(f"exported graph fails onnx.checker: {e}") from e
+    check_onnx_contract(proto)
 
 
 def read_metadata(onnx_path: str | Path) -> dict[str, str]:
@@ -334,18 +346,18 @@ __all__ = [
 ]
 
 
-def run_export(checkpoint_path: str | Path, onnx_path: str | Path, parity_path: str | Path,
+def run_export(checkpoint_path: str | Path, onnx_path: str | Path, val_path: str | Path,
                metadata: Mapping[str, str]) -> ExportReport:
-    """File-level entry point of the export step: checkpoint + the table of the parity
-    gate (the test split in the pipeline) -> checked ONNX file."""
-    return export_onnx(checkpoint_path, onnx_path, read_table(parity_path, CLEAN_COLUMNS), metadata)
+    """File-level entry point of the export step: checkpoint + the validation split (the
+    parity gate's table) -> checked ONNX file."""
+    return export_onnx(checkpoint_path, onnx_path, read_table(val_path, CLEAN_COLUMNS), metadata)
 
 
 # --------------------------------------------------------------------------- variants
 
 MAX_VARIANT_ACCURACY_DROP = 0.003
 """A variant ships only if its accuracy is at most this much (a fraction: 0.3 points)
-below the fp32 model's on the same table."""
+below the fp32 model's on the same (validation) table."""
 
 VARIANTS = ("int8", "fp16", "int8_dynamic")
 """Variants :func:`export_variants` can build: ``int8`` (static QDQ quantisation,
@@ -422,15 +434,17 @@ def _convert_fp16(src: Path, dst: Path, calibration: np.ndarray) -> str:
 def export_variants(
     onnx_path: str | Path,
     out_dir: str | Path,
-    eval_df: pd.DataFrame,
+    val_df: pd.DataFrame,
     max_drop: float = MAX_VARIANT_ACCURACY_DROP,
     variants: Sequence[str] = DEFAULT_VARIANTS,
     calibration_df: pd.DataFrame | None = None,
 ) -> dict[str, Any]:
     """Build reduced-precision variants of the exported model in ``out_dir`` and score
-    each against the fp32 model on the clean table ``eval_df``. Static int8 is calibrated
-    on the first :data:`CALIBRATION_IMAGES` images of ``calibration_df`` (default:
-    ``eval_df``; pass another table to keep calibration and scoring apart).
+    each against the fp32 model on the validation table ``val_df`` (never the test
+    split: the choice must not be made on the images final metrics are reported on).
+    Static int8 is calibrated on the first :data:`CALIBRATION_IMAGES` images of
+    ``calibration_df`` (default: ``val_df``; the pipeline passes the training split, to
+    keep calibration and scoring apart).
 
     Returns a JSON-safe dict (also written to ``out_dir/variants.json``)::
 
@@ -449,13 +463,13 @@ def export_variants(
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; known: {list(VARIANTS)}")
-    if len(eval_df) == 0:
-        raise ValueError("variants need at least one evaluation image")
+    if len(val_df) == 0:
+        raise ValueError("variants need at least one validation image")
     out_dir.mkdir(parents=True, exist_ok=True)
-    pixels, labels = to_arrays(eval_df)
+    pixels, labels = to_arrays(val_df)
     _, base_pred = predict(onnx_path, pixels)
     base_acc = float(np.mean(base_pred == labels))
-    calibration_pixels = to_arrays(eval_df if calibration_df is None else calibration_df)[0][:CALIBRATION_IMAGES]
+    calibration_pixels = to_arrays(val_df if calibration_df is None else calibration_df)[0][:CALIBRATION_IMAGES]
     builders = {"int8": _quantize_int8_static, "fp16": _convert_fp16, "int8_dynamic": _quantize_int8_dynamic}
     results: dict[str, dict[str, Any]] = {}
     for name in variants:
@@ -497,9 +511,10 @@ def export_variants(
     return report
 
 
-def run_export_variants(onnx_path: str | Path, out_dir: str | Path, eval_path: str | Path,
+def run_export_variants(onnx_path: str | Path, out_dir: str | Path, val_path: str | Path,
                         calibration_path: str | Path | None = None) -> dict[str, Any]:
-    """File-level entry point: exported model + clean table(s) -> ``out_dir`` of variants,
-    scored on ``eval_path``, int8 calibrated on ``calibration_path`` (default: the same)."""
+    """File-level entry point: exported model + clean tables -> ``out_dir`` of variants,
+    scored on the validation split ``val_path``, int8 calibrated on ``calibration_path``
+    (the training split in the pipeline; default: ``val_path``)."""
     calibration = None if calibration_path is None else read_table(calibration_path, CLEAN_COLUMNS)
-    return export_variants(onnx_path, out_dir, read_table(eval_path, CLEAN_COLUMNS), calibration_df=calibration)
+    return export_variants(onnx_path, out_dir, read_table(val_path, CLEAN_COLUMNS), calibration_df=calibration)
