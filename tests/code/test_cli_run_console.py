@@ -118,3 +118,19 @@ def test_progress_lines_round_trip(capsys: pytest.CaptureFixture) -> None:
     record = progress.parse("    " + capsys.readouterr().out)
     assert record == {"step": "train", "n": 3, "of": 10, "unit": "epoch", "loss": 0.25}
     assert progress.parse("KILN-PROGRESS {not json") is None and progress.parse("hello") is None
+
+
+def test_training_emits_one_progress_line_per_epoch(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import numpy as np
+
+    from helpers import clean_frame
+    from kiln.train import TrainConfig, train
+
+    rng = np.random.default_rng(0)  # what is learnt does not matter here, only that epochs are reported
+    table = clean_frame(rng.integers(0, 256, size=(20, 28, 28), dtype=np.uint8), np.arange(20) % 10)
+    train(TrainConfig(model="mlp", epochs=2, batch_size=16, device="cpu", patience=0), table, table,
+          tmp_path / "m.pt", log=lambda _: None)
+    records = [r for r in map(progress.parse, capsys.readouterr().out.splitlines()) if r is not None]
+    assert [(r["step"], r["n"], r["of"], r["unit"]) for r in records] == [("train", 1, 2, "epoch"),
+                                                                          ("train", 2, 2, "epoch")]
+    assert {"val_loss", "val_acc"} <= records[-1].keys()
