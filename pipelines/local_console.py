@@ -124,7 +124,8 @@ class StepView:
         if step.bar is None:
             self.out.write("\r\x1b[K")
             step.bar = tqdm(total=int(record["of"]), desc=f"  {step.name:<{NAME_WIDTH}}", unit=record.get("unit", "it"),
-                            file=self.out, leave=False, dynamic_ncols=True)
+                            file=self.out, leave=False, dynamic_ncols=True,
+                            bar_format="{desc} {bar} {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}{postfix}]")
         step.bar.update(int(record["n"]) - step.bar.n)
         extra = {k: v for k, v in record.items() if k not in {"step", "n", "of", "unit"}}
         if extra:
