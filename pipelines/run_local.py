@@ -257,8 +257,12 @@ def main(argv: list[str], repo_root: Path) -> int:
     args = parse_args(argv, repo_root)
     check_args(args)
     console = console_stream()
-    run_root = run(args, console=console)
-    print_summary(summarize(run_root), args, console)
+    try:
+        run_root = run(args, console=console)
+        print_summary(summarize(run_root), args, console)
+    finally:
+        if console is not sys.stdout:
+            console.close()
     return 0
 
 
