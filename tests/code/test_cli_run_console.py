@@ -134,3 +134,20 @@ def test_training_emits_one_progress_line_per_epoch(tmp_path: Path, capsys: pyte
     assert [(r["step"], r["n"], r["of"], r["unit"]) for r in records] == [("train", 1, 2, "epoch"),
                                                                           ("train", 2, 2, "epoch")]
     assert {"val_loss", "val_acc"} <= records[-1].keys()
+
+
+def test_the_summary_ends_with_the_run_reports_path() -> None:
+    import argparse
+
+    from pipelines.run_local import print_summary
+
+    keys = ("validation_report", "drift_report", "quarantine", "training_curves", "onnx_model", "variants",
+            "evaluation_report", "verdict")
+    summary = {"run": "runs/r", **{k: f"runs/r/{k}" for k in keys}, "test_metrics": {"accuracy": 0.99},
+               "deployed_version": "2", "version_added": True, "report": "runs/r/report.html"}
+    out = io.StringIO()
+    print_summary(summary, argparse.Namespace(model_store="model_store", model_name="mnist"), out)
+    lines = out.getvalue().splitlines()
+    assert lines[-1] == f"{'run report:':<20} runs/r/report.html"
+    assert f"{'deployed:':<20} version 2 is production (model_store/mnist/2)" in lines
+    assert len(lines) <= 14
