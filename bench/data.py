@@ -147,7 +147,8 @@ def run_sharded(n: int, shards: int) -> dict:
     """Time each shard's work and the merge on ``n`` images split into ``shards``."""
     import pandas as pd
 
-    from kiln.shard import merge_frames, screen_shard, shard_of
+    from kiln.ingest import shard_of
+    from kiln.shard import merge_frames, screen_shard
 
     raw = build_raw(n)
     raw["ordinal"] = range(len(raw))

@@ -7,7 +7,7 @@ def ingest(data_repo: str, data_commit: str, data_version: str, shards: int, pla
     """List data/ of the DVC repository ``data_repo`` at the commit resolve pinned ("" = its
     workspace), failing if it is not ``data_version``, and plan ``shards`` shards of it (file
     ids by a stable hash); reads no image. Returns the shard numbers the clean fan-out runs over."""
-    from kiln.shard import plan_shards
+    from kiln.ingest import plan_shards
 
     result = plan_shards(data_repo, data_commit, plan.path, shards, expected_version=data_version)
     plan.metadata.update({"data_version": result.data_version, "data_repo": data_repo, "data_commit": data_commit,

@@ -29,7 +29,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import pandas as pd
 
 from kiln.data import IMAGES, MANIFEST
-from kiln.dataset import RAW_COLUMNS, write_table
+from kiln.dataset import RAW_COLUMNS, read_table, write_table
 
 log = logging.getLogger(__name__)
 
@@ -291,3 +291,62 @@ def ingest(data_repo: str, data_rev: str, out_path: str | Path, data_path: str =
         n_manifest=int(df["in_manifest"].sum()),
         n_files=int(df["png"].notna().sum()),
     )
+
+
+# --------------------------------------------------------------------------- shard plan
+
+PLAN_COLUMNS = ("id", "label", "path", "file", "in_manifest", "ordinal", "shard")
+"""One row per raw-table row: what ingest would read, without the bytes, plus the row's
+position (``ordinal``) and its shard; ``file`` is the image's file name (null: none)."""
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """What :func:`plan_shards` wrote: the data version, and the rows per shard."""
+
+    data_version: str
+    rows_per_shard: tuple[int, ...]
+
+    @property
+    def shards(self) -> list[int]:
+        """The shard numbers, the list the pipeline's ParallelFor runs over."""
+        return list(range(len(self.rows_per_shard)))
+
+
+def shard_of(image_id: str, shards: int) -> int:
+    """The shard of ``image_id``: sha256 of the id, modulo ``shards``. It depends on the
+    id alone, so an image stays in its shard as the data set grows."""
+    return int.from_bytes(hashlib.sha256(image_id.encode()).digest()[:8], "big") % shards
+
+
+def plan_shards(data_repo: str, data_commit: str, plan_path: str | Path, shards: int, data_path: str = "data",
+                expected_version: str | None = None) -> ShardPlan:
+    """Write the shard plan (:data:`PLAN_COLUMNS`, Parquet) of ``data_path`` of ``data_repo``
+    at ``data_commit`` ("" = a local workspace); no image is read."""
+    if shards < 1:
+        raise ValueError(f"shards must be at least 1, got {shards}")
+    fs, data_version = open_data(data_repo, data_commit, data_path, expected_version)
+    plan = pd.DataFrame.from_records(list_data(fs, data_path), columns=list(PLAN_COLUMNS[:5]))
+    plan["ordinal"] = range(len(plan))
+    plan["shard"] = [shard_of(i, shards) for i in plan["id"]]
+    plan = plan.astype({"id": "string", "label": "string", "path": "string", "file": "string",
+                        "in_manifest": bool, "ordinal": "int64", "shard": "int64"})
+    write_table(plan, plan_path)
+    counts = plan["shard"].value_counts()
+    return ShardPlan(data_version, tuple(int(counts.get(s, 0)) for s in range(shards)))
+
+
+def fetch_shard(plan_path: str | Path, shard: int, data_repo: str, data_commit: str,
+                data_path: str = "data") -> pd.DataFrame:
+    """The raw table (with ``ordinal``) of one shard of the plan at ``plan_path``: its rows,
+    with the bytes of its files fetched from ``data_repo`` at ``data_commit``."""
+    plan = read_table(plan_path, PLAN_COLUMNS)
+    rows = plan[plan["shard"] == shard].drop(columns="shard")
+    names = [str(name) for name in rows["file"].dropna()]
+    images = {}
+    if names:
+        fs, _ = open_data(data_repo, data_commit, data_path)
+        images = fetch_images(fs, names, data_path, where=f" (shard {shard}) of {data_repo!r} at "
+                                                          f"{data_commit or '<workspace>'}")
+    records = [{**row, "file": None if pd.isna(row["file"]) else row["file"]} for row in rows.to_dict("records")]
+    return raw_table(records, images.__getitem__)

@@ -1,15 +1,15 @@
-"""Data-parallel cleaning: a shard plan, per-shard screening and statistics, one merge.
+"""Data-parallel cleaning: per-shard screening and statistics, one merge (a helper of clean).
 
 The pipeline fans cleaning out over ``shards`` tasks (KFP ``dsl.ParallelFor``):
 
-1. :func:`plan_shards` (the ingest step) lists ``data/`` at the resolved commit, reading
-   only the manifest and the directory listing, and assigns every row to a shard by a
-   stable hash of its id (:func:`shard_of`). Each row keeps its position in the raw table
-   (``ordinal``), so the order of the unsharded path can be restored.
-2. :func:`clean_shard` (one task per shard) fetches that shard's files, runs the per-row
-   checks of cleaning (``kiln.clean.screen_rows``) and the per-image statistics of what it
-   kept (``kiln.stats.image_statistics``). Rows of one id share a shard, so duplicate ids
-   are found there.
+1. ``kiln.ingest.plan_shards`` (the ingest step) lists ``data/`` at the resolved commit,
+   reading only the manifest and the directory listing, and assigns every row to a shard
+   by a stable hash of its id (``kiln.ingest.shard_of``). Each row keeps its position in
+   the raw table (``ordinal``), so the order of the unsharded path can be restored.
+2. Each shard task fetches its files (``kiln.ingest.fetch_shard``); :func:`clean_shard`
+   runs the per-row checks of cleaning (``kiln.clean.screen_rows``) and the per-image
+   statistics of what it kept (``kiln.stats.image_statistics``). Rows of one id share a
+   shard, so duplicate ids are found there.
 3. :func:`merge_shards` concatenates the shards and resolves duplicate pixels across all
    of them (``kiln.clean.resolve_duplicates``, by the pixel hashes every shard emits), so
    the clean table, quarantine, repairs and statistics are exactly those of
@@ -18,8 +18,6 @@ The pipeline fans cleaning out over ``shards`` tasks (KFP ``dsl.ParallelFor``):
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -27,73 +25,22 @@ import pandas as pd
 from kiln.clean import (REJECTED_COLUMNS, REPAIR_COLUMNS, SCREENED_COLUMNS, CleanConfig, CleanReport,
                         resolve_duplicates, screen_rows)
 from kiln.dataset import RAW_COLUMNS, read_table, write_table
-from kiln.ingest import fetch_images, list_data, open_data, raw_table
 from kiln.stats import STAT_COLUMNS, image_statistics
 
-PLAN_COLUMNS = ("id", "label", "path", "file", "in_manifest", "ordinal", "shard")
-"""One row per raw-table row: what ingest would read, without the bytes, plus the row's
-position (``ordinal``) and its shard; ``file`` is the image's file name (null: none)."""
 PART_FILES = {"raw": "raw.parquet", "kept": "kept.parquet", "rejected": "rejected.parquet",
               "statistics": "statistics.parquet"}
 """What one shard task writes into its output folder."""
 
 
-@dataclass(frozen=True)
-class ShardPlan:
-    """What :func:`plan_shards` wrote: the data version, and the rows per shard."""
-
-    data_version: str
-    rows_per_shard: tuple[int, ...]
-
-    @property
-    def shards(self) -> list[int]:
-        """The shard numbers, the list the pipeline's ParallelFor runs over."""
-        return list(range(len(self.rows_per_shard)))
-
-
-def shard_of(image_id: str, shards: int) -> int:
-    """The shard of ``image_id``: sha256 of the id, modulo ``shards``. It depends on the
-    id alone, so an image stays in its shard as the data set grows."""
-    return int.from_bytes(hashlib.sha256(image_id.encode()).digest()[:8], "big") % shards
-
-
-def plan_shards(data_repo: str, data_commit: str, plan_path: str | Path, shards: int, data_path: str = "data",
-                expected_version: str | None = None) -> ShardPlan:
-    """Write the shard plan (:data:`PLAN_COLUMNS`, Parquet) of ``data_path`` of ``data_repo``
-    at ``data_commit`` ("" = a local workspace); no image is read."""
-    if shards < 1:
-        raise ValueError(f"shards must be at least 1, got {shards}")
-    fs, data_version = open_data(data_repo, data_commit, data_path, expected_version)
-    plan = pd.DataFrame.from_records(list_data(fs, data_path), columns=list(PLAN_COLUMNS[:5]))
-    plan["ordinal"] = range(len(plan))
-    plan["shard"] = [shard_of(i, shards) for i in plan["id"]]
-    plan = plan.astype({"id": "string", "label": "string", "path": "string", "file": "string",
-                        "in_manifest": bool, "ordinal": "int64", "shard": "int64"})
-    write_table(plan, plan_path)
-    counts = plan["shard"].value_counts()
-    return ShardPlan(data_version, tuple(int(counts.get(s, 0)) for s in range(shards)))
-
-
-def clean_shard(plan_path: str | Path, shard: int, data_repo: str, data_commit: str, out_dir: str | Path,
-                config: CleanConfig = CleanConfig(), data_path: str = "data") -> dict[str, int]:
-    """Fetch, screen and compute statistics for one shard of the plan into ``out_dir``
-    (:data:`PART_FILES`); returns its row counts."""
-    plan = read_table(plan_path, PLAN_COLUMNS)
-    rows = plan[plan["shard"] == shard].drop(columns="shard")
-    names = [str(name) for name in rows["file"].dropna()]
-    images = {}
-    if names:
-        fs, _ = open_data(data_repo, data_commit, data_path)
-        images = fetch_images(fs, names, data_path, where=f" (shard {shard}) of {data_repo!r} at "
-                                                          f"{data_commit or '<workspace>'}")
-    records = [{**row, "file": None if pd.isna(row["file"]) else row["file"]} for row in rows.to_dict("records")]
-    raw = raw_table(records, images.__getitem__)
+def clean_shard(raw: pd.DataFrame, out_dir: str | Path, config: CleanConfig = CleanConfig()) -> dict[str, int]:
+    """A shard's work on its raw table (``kiln.ingest.fetch_shard``): :func:`screen_shard`,
+    written into ``out_dir`` (:data:`PART_FILES`) with the raw rows; returns row counts."""
     kept, rejected, statistics = screen_shard(raw, config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, table in (("raw", raw), ("kept", kept), ("rejected", rejected), ("statistics", statistics)):
         write_table(table, out / PART_FILES[name])
-    return {"rows": len(raw), "kept": len(kept), "rejected": len(rejected), "files": len(names)}
+    return {"rows": len(raw), "kept": len(kept), "rejected": len(rejected)}
 
 
 def screen_shard(raw: pd.DataFrame, config: CleanConfig = CleanConfig()) -> tuple[pd.DataFrame, pd.DataFrame,

@@ -18,7 +18,7 @@ MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 60
 
 STAGES = frozenset({"ingest", "clean", "validate", "drift", "split", "train", "export", "evaluate", "deploy",
-                    "shard", "report"})
+                    "report"})
 """Pipeline steps (top-level modules of kiln). A module not named here or in STAGE_HELPERS
 is shared (contract, dataset, stats, store, runtime, models, checkpoint ...): any step may use it."""
 
@@ -26,6 +26,7 @@ STAGE_HELPERS = {
     "variants": "export",  # int8 / fp16 variants of the exported model
     "validate_text": "validate",  # texts of the validation page and error
     "trainjob": "train",  # the train step's Kubeflow Trainer backend
+    "shard": "clean",  # cleaning fanned out over shards and merged
 }
 """Modules that belong to one step: that step (and its other helpers) may import them,
 no other step may; they may import their own step."""

@@ -15,8 +15,8 @@ import pytest
 from helpers import commit_data, init_dvc_repo, mnist_subset, plant_faults
 from kiln.clean import Reason, clean_table
 from kiln.data import write_dataset
-from kiln.ingest import raw_table_from_dir
-from kiln.shard import PLAN_COLUMNS, clean_shard, merge_parts, plan_shards, shard_of
+from kiln.ingest import PLAN_COLUMNS, fetch_shard, plan_shards, raw_table_from_dir, shard_of
+from kiln.shard import clean_shard, merge_parts
 from kiln.stats import image_statistics
 
 SHARDS = 4
@@ -47,7 +47,7 @@ def data_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def shard_outputs(repo: Path, work: Path, shards: int) -> tuple[pd.DataFrame, pd.DataFrame, object, pd.DataFrame]:
     plan = plan_shards(str(repo), "", work / "plan.parquet", shards)
     for s in plan.shards:
-        clean_shard(work / "plan.parquet", s, str(repo), "", work / f"part{s}")
+        clean_shard(fetch_shard(work / "plan.parquet", s, str(repo), ""), work / f"part{s}")
     return merge_parts([work / f"part{s}" for s in plan.shards])
 
 
@@ -117,7 +117,7 @@ def test_kfp_local_fan_out_matches_one_shard(data_repo: Path, tmp_path: Path) ->
     assert len(list((tmp_path / "four").glob("sharded-clean-*/*-iteration-*/shard/part"))) == SHARDS
     one = tmp_path / "one"
     plan_shards(str(data_repo), "", one / "plan", 1)
-    clean_shard(one / "plan", 0, str(data_repo), "", one / "part")
+    clean_shard(fetch_shard(one / "plan", 0, str(data_repo), ""), one / "part")
     merge_shards([one / "part"], one / "cleaned", one / "quarantine", one / "repairs", one / "statistics",
                  summary_path=one / "summary", quarantined_raw_path=one / "quarantined_raw")
     for name in ("quarantine", "repairs", "summary"):
