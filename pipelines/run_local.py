@@ -38,7 +38,12 @@ STEP_HINTS = {
 }
 
 
-_FLAG_TYPES = {"String": str, "Integer": int, "Float": float, "Dict": json.loads}
+def _json(text: str):
+    return json.loads(text)
+
+
+_json.__name__ = "JSON"  # argparse names the type in its error: "invalid JSON value: ..."
+_FLAG_TYPES = {"String": str, "Integer": int, "Float": float, "Dict": _json}
 """How a flag's text becomes the pipeline parameter's type (a Dict parameter is JSON)."""
 LOCAL_ONLY = ("runs_dir", "cache_root", "cache", "allow_dirty", "verbose")
 
