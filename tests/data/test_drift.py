@@ -163,10 +163,10 @@ def test_kfp_component_calls_run_drift(store_with_production: dict, tmp_path: Pa
     from components.drift import drift
 
     spec = dsl.component(drift, base_image="kiln:test", install_kfp_package=False).component_spec
-    assert set(spec.inputs) == {"cleaned", "model_store", "model_name", "drift_action"}
+    assert set(spec.inputs) == {"cleaned", "model_store", "model_name", "drift_action", "drift_config"}
     assert set(spec.outputs) == {"report", "metrics"}
     report, metrics = SimpleNamespace(path=str(tmp_path / "r.html")), {}
     with pytest.raises(DataDriftError):
         drift(SimpleNamespace(path=str(store_with_production["inverted"])), str(store_with_production["root"]),
-              "digits", "fail", report, SimpleNamespace(log_metric=metrics.__setitem__))
+              "digits", "fail", {}, report, SimpleNamespace(log_metric=metrics.__setitem__))
     assert Path(report.path).is_file() and metrics["drifted"] == 1
