@@ -39,11 +39,6 @@ KNOWN_OVERSIZE: dict[str, str] = {
 }
 """Exempt from the size limits: ``path`` for a module, ``path::function`` for a function."""
 
-# deploy.py reaches save_reference_statistics through kiln.drift, which only re-exports it
-# from kiln.stats; the fix is deploy's import, outside this branch.
-KNOWN_STAGE_IMPORTS: frozenset[tuple[str, str]] = frozenset({("kiln.deploy", "kiln.drift")})
-
-
 def _modules() -> list[Path]:
     return sorted(PACKAGE.rglob("*.py"))
 
@@ -127,7 +122,7 @@ def test_no_step_imports_another_steps_module(path: Path) -> None:
         return  # shared modules and the CLI may use any step
     reached = {".".join(name.split(".")[:2]) for name in _imported(path)}  # kiln.<module>
     foreign = sorted(
-        name for name in reached if _owner(name) not in (None, own) and (module, name) not in KNOWN_STAGE_IMPORTS
+        name for name in reached if _owner(name) not in (None, own)
     )
     assert not foreign, f"{module} (step {own}) imports another step's module: {foreign}"
 

@@ -196,7 +196,9 @@ def _chromium_missing() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
+# Module scope: Playwright's sync API keeps an asyncio loop running in this thread while it
+# is open, which would break every later test that calls asyncio.run.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     """Headless Chromium (the system's, driven by Playwright). Outside CI a missing browser
     skips the test; in CI (``CI`` set) it fails it, since .ci/run installs it."""
