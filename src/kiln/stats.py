@@ -91,6 +91,38 @@ def _pixel_stats(flat: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
+def _grouped_statistics(blobs: list) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Shape and intensity statistics of every buffer in ``blobs``: integer columns (with
+    their null masks) and float columns, computed per distinct buffer length."""
+    n = len(blobs)
+    lengths = np.fromiter(
+        (len(b) if isinstance(b, (bytes, bytearray, memoryview)) else -1 for b in blobs),
+        dtype=np.int64,
+        count=n,
+    )
+    # Integer columns are numpy values plus a null mask, turned into nullable Int64 by the
+    # caller: cheap for any N, unlike building pd.NA object lists.
+    ints = {key: np.zeros(n, np.int64) for key in ("width", "height", "min", "max")}
+    missing = {key: np.ones(n, bool) for key in ints}
+    floats = {key: np.full(n, np.nan) for key in ("mean", "std", "ink_fraction")}
+    for length in np.unique(lengths):
+        if length < 0:
+            continue  # null / non-bytes: leave every derived value null
+        rows = np.flatnonzero(lengths == length)
+        ints["width"][rows], ints["height"][rows] = _shape_of(int(length))
+        missing["width"][rows] = missing["height"][rows] = False
+        if length == 0:
+            continue  # no pixels: intensity statistics are undefined
+        flat = np.frombuffer(b"".join(blobs[i] for i in rows), dtype=np.uint8).reshape(len(rows), int(length))
+        group = _pixel_stats(flat)
+        for key in floats:
+            floats[key][rows] = group[key]
+        for key in ("min", "max"):
+            ints[key][rows] = group[key]
+            missing[key][rows] = False
+    return ints, missing, floats
+
+
 def image_statistics(df: pd.DataFrame) -> pd.DataFrame:
     """One row per image of the clean table ``df``, in the same order, with STAT_COLUMNS.
 
@@ -110,34 +142,7 @@ def image_statistics(df: pd.DataFrame) -> pd.DataFrame:
     """
     n = len(df)
     blobs = df["pixels"].tolist()
-    lengths = np.fromiter(
-        (len(b) if isinstance(b, (bytes, bytearray, memoryview)) else -1 for b in blobs),
-        dtype=np.int64,
-        count=n,
-    )
-
-    # Integer columns are numpy values plus a null mask, turned into nullable Int64 at
-    # the end: cheap for any N, unlike building pd.NA object lists.
-    ints = {key: np.zeros(n, np.int64) for key in ("width", "height", "min", "max")}
-    missing = {key: np.ones(n, bool) for key in ints}
-    floats = {key: np.full(n, np.nan) for key in ("mean", "std", "ink_fraction")}
-
-    for length in np.unique(lengths):
-        if length < 0:
-            continue  # null / non-bytes: leave every derived value null
-        rows = np.flatnonzero(lengths == length)
-        ints["width"][rows], ints["height"][rows] = _shape_of(int(length))
-        missing["width"][rows] = missing["height"][rows] = False
-        if length == 0:
-            continue  # no pixels: intensity statistics are undefined
-        flat = np.frombuffer(b"".join(blobs[i] for i in rows), dtype=np.uint8).reshape(len(rows), int(length))
-        group = _pixel_stats(flat)
-        for key in floats:
-            floats[key][rows] = group[key]
-        for key in ("min", "max"):
-            ints[key][rows] = group[key]
-            missing[key][rows] = False
-
+    ints, missing, floats = _grouped_statistics(blobs)
     computed = [
         hashlib.sha256(b).hexdigest() if isinstance(b, (bytes, bytearray, memoryview)) else None for b in blobs
     ]
