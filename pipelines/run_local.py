@@ -19,6 +19,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from kiln.models import MODEL_TYPES
 from kiln.version import local_image
 from pipelines.training_pipeline import DEFAULT_IMAGE, PIPELINE_NAME, UNCACHED, build_pipeline
 
@@ -29,7 +30,7 @@ def parse_args(argv: list[str], repo_root: Path) -> argparse.Namespace:
     p.add_argument("--data-rev", default="", help="git revision of the data ('' = workspace, the default)")
     p.add_argument("--model-store", default=str(repo_root / "model_store"), help="model store root")
     p.add_argument("--model-name", default="mnist")
-    p.add_argument("--model-type", default="cnn", choices=["cnn", "mlp"])
+    p.add_argument("--model-type", default="cnn", choices=MODEL_TYPES, help="network family (kiln.models.FAMILIES)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resize-wrong-size", action="store_true", help="resize wrong-size images instead of quarantining")
