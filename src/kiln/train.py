@@ -80,13 +80,17 @@ class TrainConfig:
     (4 gives 49 tokens, 7 gives 16)."""
 
     d_model: int = 64
-    """``transformer``: token width; must be divisible by ``heads``."""
+    """``transformer``: token width; a multiple of 4 and of ``heads``."""
 
     heads: int = 4
     """``transformer``: attention heads per encoder layer."""
 
     encoder_layers: int = 3
     """``transformer``: encoder blocks (self-attention + MLP, pre-norm)."""
+
+    stem_channels: int = 32
+    """``transformer``: channels of the two 3x3 convolutions run over the image before it
+    is cut into patches; 0 gives the plain ViT patch embedding (raw pixels -> tokens)."""
 
     max_shift: int = 2
     """Training augmentation: each image is shifted by a random whole number of pixels
@@ -124,7 +128,7 @@ class TrainConfig:
             if getattr(self, name) not in choices:
                 raise bad(name, f"one of {choices}")
         for name, low in (("epochs", 1), ("batch_size", 1), ("eval_batch_size", 1), ("patience", 0), ("max_shift", 0),
-                          ("seed", 0), *((size, 1) for size in FAMILY_SIZE_FIELDS)):
+                          ("seed", 0), ("stem_channels", 0), *((size, 1) for size in FAMILY_SIZE_FIELDS)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise bad(name, "a positive int" if low else "a non-negative int")
@@ -137,7 +141,8 @@ class TrainConfig:
             ("weight_decay", self.weight_decay >= 0, ">= 0"), ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
             ("max_rotation", 0 <= self.max_rotation <= 45, "in [0, 45] degrees"), ("amp", isinstance(self.amp, bool), "a bool"),
             ("patch_size", IMAGE_SIZE % self.patch_size == 0, f"a divisor of {IMAGE_SIZE} (1, 2, 4, 7, 14 or 28)"),
-            ("d_model", self.d_model % self.heads == 0, f"divisible by heads={self.heads}"),
+            ("d_model", self.d_model % self.heads == 0 and self.d_model % 4 == 0,
+             f"a multiple of 4 (sine-cosine positions) and of heads={self.heads}"),
         ):
             if not ok:
                 raise bad(name, requirement)

@@ -2,7 +2,7 @@
 a dynamic batch, one self-contained opset-18 ONNX file with the contract, the parity
 gate at batch 1 and 64, the variant rule, and champion/challenger across families.
 
-Each family is trained once per session for 2 epochs on 300 digits: these tests are
+Each family is trained once per session for 1 epoch on 300 digits: these tests are
 about the export contract and parity, not accuracy (the README has the real figures).
 """
 
@@ -37,11 +37,11 @@ class FamilyModel:
 
 @pytest.fixture(scope="session")
 def family_models(tables, tmp_path_factory: pytest.TempPathFactory) -> dict[str, FamilyModel]:
-    """Each new family trained for 2 epochs on 300 digits and exported (parity gate on the 200 validation digits)."""
+    """Each new family trained for 1 epoch on 300 digits and exported (parity gate on the 200 validation digits)."""
     out = {}
     for family in NEW_FAMILIES:
         tmp = tmp_path_factory.mktemp(family)
-        config = TrainConfig(model=family, epochs=2, batch_size=32, device="cpu", seed=0)
+        config = TrainConfig(model=family, epochs=1, batch_size=32, device="cpu", seed=0)
         train(config, tables.train.iloc[:300], tables.val, tmp / "model.pt", log=lambda _: None)
         export_onnx(tmp / "model.pt", tmp / "model.onnx", tables.val, {"data_version": "md5:test"})
         out[family] = FamilyModel(config, tmp / "model.pt", tmp / "model.onnx")
@@ -61,7 +61,9 @@ def test_every_family_is_registered_and_offered() -> None:
         ({"gru_hidden_size": 0}, "TrainConfig.gru_hidden_size must be a positive int, got 0"),
         ({"gru_layers": 1.5}, "TrainConfig.gru_layers must be a positive int, got 1.5"),
         ({"patch_size": 5}, "TrainConfig.patch_size must be a divisor of 28"),
-        ({"d_model": 60, "heads": 8}, "TrainConfig.d_model must be divisible by heads=8, got 60"),
+        ({"d_model": 60, "heads": 8}, "TrainConfig.d_model must be a multiple of 4 (sine-cosine positions) and of heads=8, got 60"),
+        ({"d_model": 66, "heads": 2}, "TrainConfig.d_model must be a multiple of 4"),
+        ({"stem_channels": -1}, "TrainConfig.stem_channels must be a non-negative int, got -1"),
         ({"heads": True}, "TrainConfig.heads must be a positive int, got True"),
         ({"encoder_layers": -1}, "TrainConfig.encoder_layers must be a positive int, got -1"),
     ],
@@ -75,8 +77,10 @@ def test_size_fields_are_checked_with_one_line_errors(fields, message) -> None:
 def test_size_fields_shape_the_networks() -> None:
     small = build_model(TrainConfig(model="gru", gru_hidden_size=16, gru_layers=2))
     assert isinstance(small, RowGRU) and (small.gru.hidden_size, small.gru.num_layers) == (16, 2)
-    vit = build_model(TrainConfig(model="transformer", patch_size=7, d_model=32, heads=2, encoder_layers=2))
+    vit = build_model(TrainConfig(model="transformer", patch_size=7, d_model=32, heads=2, encoder_layers=2,
+                                  stem_channels=0))
     assert isinstance(vit, PatchTransformer) and len(vit.blocks) == 2 and vit.position.shape == (1, 16, 32)
+    assert isinstance(vit.stem, torch.nn.Identity) and vit.embed.in_channels == 1  # a plain ViT
     for net in (small, vit):
         net.eval()
         for n in (1, 5):  # the batch is never baked in
