@@ -2,7 +2,7 @@
 a dynamic batch, one self-contained opset-18 ONNX file with the contract, the parity
 gate at batch 1 and 64, the variant rule, and champion/challenger across families.
 
-Each family is trained once per session for 1 epoch on 300 digits: these tests are
+Each family is trained once per session for 2 epochs on 300 digits: these tests are
 about the export contract and parity, not accuracy (the README has the real figures).
 """
 
@@ -37,11 +37,11 @@ class FamilyModel:
 
 @pytest.fixture(scope="session")
 def family_models(tables, tmp_path_factory: pytest.TempPathFactory) -> dict[str, FamilyModel]:
-    """Each new family trained for 1 epoch on 300 digits and exported (parity gate on the 200 validation digits)."""
+    """Each new family trained for 2 epochs on 300 digits and exported (parity gate on the 200 validation digits)."""
     out = {}
     for family in NEW_FAMILIES:
         tmp = tmp_path_factory.mktemp(family)
-        config = TrainConfig(model=family, epochs=1, batch_size=32, device="cpu", seed=0)
+        config = TrainConfig(model=family, epochs=2, batch_size=32, device="cpu", seed=0)
         train(config, tables.train.iloc[:300], tables.val, tmp / "model.pt", log=lambda _: None)
         export_onnx(tmp / "model.pt", tmp / "model.onnx", tables.val, {"data_version": "md5:test"})
         out[family] = FamilyModel(config, tmp / "model.pt", tmp / "model.onnx")
