@@ -136,8 +136,12 @@ def serve(app) -> Iterator[RunningServer]:
         sock.close()
 
 
-def tiny_onnx(path: Path) -> Path:
-    """A valid ONNX file (uint8 pixels -> float32 identity cast) for tests that only store models."""
+def tiny_onnx(path: Path, tag: str = "") -> Path:
+    """A valid ONNX file (uint8 pixels -> float32 identity cast) for tests that only store models.
+
+    ``tag`` goes into the metadata, so two tags give two files (two sha256) of one model;
+    the IR version is one ONNX Runtime reads (onnx's default can be newer).
+    """
     import onnx
     from onnx import TensorProto, helper
 
@@ -145,7 +149,7 @@ def tiny_onnx(path: Path) -> Path:
         [helper.make_node("Cast", ["pixels"], ["probabilities"], to=TensorProto.FLOAT)], "tiny",
         [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", 28, 28])],
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 28, 28])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    helper.set_model_props(model, {"train_config": '{"model": "cnn"}', "class_labels": '["0"]'})
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    helper.set_model_props(model, {"train_config": '{"model": "cnn"}', "class_labels": '["0"]', "tag": tag})
     onnx.save(model, str(path))
     return path

@@ -94,7 +94,7 @@ def deploy_once(onnx_path: str | Path, store_root: str | Path, model_name: str, 
     if existing is not None:
         was_production = store.alias(model_name) == existing.version
         if reference_clean_path is not None and not (existing.path / "stats.parquet").is_file():
-            from kiln.drift import save_reference_statistics
+            from kiln.stats import save_reference_statistics
 
             save_reference_statistics(reference_clean_path, existing.path)
         store.set_alias(model_name, existing.version)

@@ -10,9 +10,10 @@ against the contract, and a parity check: ONNX Runtime on CPU and PyTorch must a
 on every validation image (probabilities within ``atol``, identical labels) at batch
 sizes 1, 7 and 1024 as well as over the whole table.
 
-Data roles: the parity gate and the choice of int8/fp16 variants run on the
-validation split (int8 calibration on training images); the test split is left to the
-final evaluation, so the figures reported there are not the ones variants were picked on.
+Data roles: the parity gate and the choice of int8/fp16 variants (built in
+:mod:`kiln.variants`) run on the validation split (int8 calibration on training images);
+the test split is left to the final evaluation, so the figures reported there are not
+the ones variants were picked on.
 """
 
 from __future__ import annotations
@@ -143,48 +144,24 @@ def check_parity(
     """
     from kiln.checkpoint import load_checkpoint
     from kiln.models import ServingModel
-    from kiln.runtime import ContractError, SessionError, SessionSettings, create_session, run_contract
 
     if len(val_df) == 0:
         raise ValueError("parity check needs at least one validation image")
     pixels, _ = to_arrays(val_df)
     _, net = load_checkpoint(checkpoint_path)
     serving = ServingModel(net).eval()
-    # The server's session settings on the CPU provider: parity is defined against CPU so
-    # the gate does not depend on which machine runs the export.
-    try:
-        session = create_session(Path(onnx_path), SessionSettings(device="cpu"))
-    except SessionError as e:
-        raise ExportError(str(e)) from e
-    imports = onnx.load(str(onnx_path), load_external_data=False).opset_import
-    opset = next((o.version for o in imports if o.domain in ("", "ai.onnx")), 0)
-
-    def run_both(batch: np.ndarray) -> tuple[float, int]:
-        try:
-            onnx_p, onnx_l = run_contract(session, batch)
-        except ContractError as e:
-            raise ExportError(str(e)) from e
-        n = len(batch)
-        torch_p, torch_l = _torch_proba(serving, batch)
-        diff = float(np.max(np.abs(onnx_p.astype(np.float64) - torch_p))) if n else 0.0
-        if not np.isfinite(diff):  # NaN must fail the gate; Python's max() below would drop it
-            diff = float("inf")
-        return diff, int(np.sum(onnx_l != torch_l))
-
+    session = _cpu_session(onnx_path)
     # The whole table, in chunks: this is what n_label_disagreements counts.
-    max_diff, disagreements = 0.0, 0
-    for start in range(0, len(pixels), 1024):
-        diff, bad = run_both(pixels[start : start + 1024])
-        max_diff, disagreements = max(max_diff, diff), disagreements + bad
+    chunks = [pixels[start : start + 1024] for start in range(0, len(pixels), 1024)]
+    max_diff, disagreements = _compare_batches(session, serving, chunks)
     # Then the dynamic batch dimension: np.resize repeats images to fill the batch.
-    batch_bad = 0
-    for size in batch_sizes:
-        diff, bad = run_both(np.resize(pixels, (size, IMAGE_SIZE, IMAGE_SIZE)))
-        max_diff, batch_bad = max(max_diff, diff), batch_bad + bad
+    resized = [np.resize(pixels, (size, IMAGE_SIZE, IMAGE_SIZE)) for size in batch_sizes]
+    batch_diff, batch_bad = _compare_batches(session, serving, resized)
+    max_diff = max(max_diff, batch_diff)
 
     n = len(pixels)
     report = ExportReport(
-        opset=opset,
+        opset=_default_opset(onnx_path),
         max_abs_diff=max_diff,
         label_agreement=1.0 - disagreements / n,
         n_checked=n,
@@ -200,6 +177,48 @@ def check_parity(
             + (f" (and {batch_bad} in the batch-size runs {tuple(batch_sizes)})" if batch_bad else "")
         )
     return report
+
+
+def _cpu_session(onnx_path: str | Path):
+    """The server's session settings on the CPU provider: parity is defined against CPU
+    so the gate does not depend on which machine runs the export."""
+    from kiln.runtime import SessionError, SessionSettings, create_session
+
+    try:
+        return create_session(Path(onnx_path), SessionSettings(device="cpu"))
+    except SessionError as e:
+        raise ExportError(str(e)) from e
+
+
+def _default_opset(onnx_path: str | Path) -> int:
+    """The default-domain opset the file imports (0 if none)."""
+    imports = onnx.load(str(onnx_path), load_external_data=False).opset_import
+    return next((o.version for o in imports if o.domain in ("", "ai.onnx")), 0)
+
+
+def _compare_batches(session, serving, batches: Sequence[np.ndarray]) -> tuple[float, int]:
+    """Max |probability difference| and number of disagreeing labels between ONNX
+    Runtime and PyTorch over ``batches``."""
+    max_diff, disagreements = 0.0, 0
+    for batch in batches:
+        diff, bad = _compare(session, serving, batch)
+        max_diff, disagreements = max(max_diff, diff), disagreements + bad
+    return max_diff, disagreements
+
+
+def _compare(session, serving, batch: np.ndarray) -> tuple[float, int]:
+    """One batch through both runtimes: (max |probability difference|, label disagreements)."""
+    from kiln.runtime import ContractError, run_contract
+
+    try:
+        onnx_p, onnx_l = run_contract(session, batch)
+    except ContractError as e:
+        raise ExportError(str(e)) from e
+    torch_p, torch_l = _torch_proba(serving, batch)
+    diff = float(np.max(np.abs(onnx_p.astype(np.float64) - torch_p))) if len(batch) else 0.0
+    if not np.isfinite(diff):  # NaN must fail the gate; Python's max() would drop it
+        diff = float("inf")
+    return diff, int(np.sum(onnx_l != torch_l))
 
 
 def _export_proto(serving) -> onnx.ModelProto:
@@ -353,168 +372,18 @@ def run_export(checkpoint_path: str | Path, onnx_path: str | Path, val_path: str
     return export_onnx(checkpoint_path, onnx_path, read_table(val_path, CLEAN_COLUMNS), metadata)
 
 
-# --------------------------------------------------------------------------- variants
-
-MAX_VARIANT_ACCURACY_DROP = 0.003
-"""A variant ships only if its accuracy is at most this much (a fraction: 0.3 points)
-below the fp32 model's on the same (validation) table."""
-
-VARIANTS = ("int8", "fp16", "int8_dynamic")
-"""Variants :func:`export_variants` can build: ``int8`` (static QDQ quantisation,
-calibrated), ``fp16`` and ``int8_dynamic`` (dynamic quantisation: accurate, but ONNX
-Runtime's ConvInteger kernel is about 10x slower than fp32 on CPU, see bench/)."""
-
-DEFAULT_VARIANTS = ("int8", "fp16")
-
-CALIBRATION_IMAGES = 256
-"""Images used to calibrate the static int8 activation ranges."""
+# The variants (int8 / fp16) are built in kiln.variants, which imports this module; they
+# are re-exported here lazily (PEP 562) so callers keep importing them from kiln.export
+# without an import cycle, whichever of the two modules is imported first.
+_VARIANT_NAMES = frozenset(
+    {"export_variants", "run_export_variants", "MAX_VARIANT_ACCURACY_DROP", "DEFAULT_VARIANTS", "VARIANTS",
+     "CALIBRATION_IMAGES"}
+)
 
 
-def _quantize(src: Path, dst: Path, run) -> None:
-    """Run an onnxruntime quantiser ``run(src, dst)`` on a copy of ``src`` without
-    value_info. The exporter records value_info for the weights too; the quantiser
-    rewrites those initializers (e.g. transposes Gemm weights) and then trips over the
-    stale shapes in strict shape inference; it re-infers them itself."""
-    proto = onnx.load(str(src))
-    del proto.graph.value_info[:]
-    stripped = dst.with_name(dst.name + ".noinfo.onnx")
-    onnx.save_model(proto, str(stripped))
-    root = logging.getLogger()
-    was = root.disabled
-    root.disabled = True  # the quantiser's "consider pre-processing" warning goes to the root logger
-    try:
-        run(stripped, dst)
-    finally:
-        root.disabled = was
-        stripped.unlink(missing_ok=True)
+def __getattr__(name: str) -> Any:
+    if name in _VARIANT_NAMES:
+        from kiln import variants
 
-
-def _quantize_int8_dynamic(src: Path, dst: Path, calibration: np.ndarray) -> str:
-    """Dynamic int8 quantisation (weights int8, activations quantised per batch at run
-    time); Conv becomes ConvInteger, Gemm/MatMul become MatMulInteger."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    _quantize(src, dst, lambda a, b: quantize_dynamic(str(a), str(b), weight_type=QuantType.QInt8))
-    return "onnxruntime.quantization.quantize_dynamic(weight_type=QInt8)"
-
-
-def _quantize_int8_static(src: Path, dst: Path, calibration: np.ndarray) -> str:
-    """Static int8 quantisation in QDQ form: per-channel int8 weights, uint8 activations
-    whose ranges are calibrated (min/max) on ``calibration`` pixels. ONNX Runtime fuses
-    the QDQ pairs into QLinearConv / QGemm kernels at load time."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._batches = iter([{INPUT_NAME: calibration[i : i + 64]} for i in range(0, len(calibration), 64)])
-
-        def get_next(self):
-            return next(self._batches, None)
-
-    _quantize(src, dst, lambda a, b: quantize_static(
-        str(a), str(b), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-    ))
-    return ("onnxruntime.quantization.quantize_static(QDQ, per-channel QInt8 weights, QUInt8 activations, "
-            f"MinMax calibration on {len(calibration)} images)")
-
-
-def _convert_fp16(src: Path, dst: Path, calibration: np.ndarray) -> str:
-    """Weights and activations in float16, inputs/outputs kept as the contract's types.
-    Uses the float16 converter that ships inside onnxruntime (a copy of
-    onnxconverter-common's), so no extra dependency is needed."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16  # ImportError if absent
-
-    proto = onnx.load(str(src))
-    converted = convert_float_to_float16(proto, keep_io_types=True)
-    onnx.save_model(converted, str(dst))
-    return "onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)"
-
-
-def export_variants(
-    onnx_path: str | Path,
-    out_dir: str | Path,
-    val_df: pd.DataFrame,
-    max_drop: float = MAX_VARIANT_ACCURACY_DROP,
-    variants: Sequence[str] = DEFAULT_VARIANTS,
-    calibration_df: pd.DataFrame | None = None,
-) -> dict[str, Any]:
-    """Build reduced-precision variants of the exported model in ``out_dir`` and score
-    each against the fp32 model on the validation table ``val_df`` (never the test
-    split: the choice must not be made on the images final metrics are reported on).
-    Static int8 is calibrated on the first :data:`CALIBRATION_IMAGES` images of
-    ``calibration_df`` (default: ``val_df``; the pipeline passes the training split, to
-    keep calibration and scoring apart).
-
-    Returns a JSON-safe dict (also written to ``out_dir/variants.json``)::
-
-        {"baseline": {"path", "accuracy", "bytes"}, "n": int, "max_drop": float,
-         "variants": {"int8": {"path", "method", "accuracy", "accuracy_drop",
-                               "label_agreement", "bytes", "ships", "reason"}, ...}}
-
-    ``accuracy_drop`` is baseline accuracy - variant accuracy (a fraction). A variant
-    ships only if it loads, keeps the contract and its drop is <= ``max_drop``; a variant
-    that does not ship has its file removed and says why in ``reason``. A variant whose
-    converter is unavailable is recorded with ``ships: False`` and the reason.
-    """
-    from kiln.runtime import ContractError, SessionError, predict
-
-    onnx_path, out_dir = Path(onnx_path), Path(out_dir)
-    unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown:
-        raise ValueError(f"unknown variant(s) {unknown}; known: {list(VARIANTS)}")
-    if len(val_df) == 0:
-        raise ValueError("variants need at least one validation image")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pixels, labels = to_arrays(val_df)
-    _, base_pred = predict(onnx_path, pixels)
-    base_acc = float(np.mean(base_pred == labels))
-    calibration_pixels = to_arrays(val_df if calibration_df is None else calibration_df)[0][:CALIBRATION_IMAGES]
-    builders = {"int8": _quantize_int8_static, "fp16": _convert_fp16, "int8_dynamic": _quantize_int8_dynamic}
-    results: dict[str, dict[str, Any]] = {}
-    for name in variants:
-        dst = out_dir / f"{onnx_path.stem}.{name}.onnx"
-        entry: dict[str, Any] = {"path": None, "method": None, "accuracy": None, "accuracy_drop": None,
-                                 "label_agreement": None, "bytes": None, "ships": False}
-        try:
-            entry["method"] = builders[name](onnx_path, dst, np.ascontiguousarray(calibration_pixels))
-            check_onnx_contract(onnx.load(str(dst)))
-            _, pred = predict(dst, pixels)
-        except ImportError as e:
-            entry["reason"] = f"converter not available: {e}"
-        except (ExportError, SessionError, ContractError, ValueError, RuntimeError) as e:
-            entry["reason"] = f"variant failed: {e}"
-        else:
-            acc = float(np.mean(pred == labels))
-            drop = base_acc - acc
-            ships = drop <= max_drop + 1e-12
-            entry.update(
-                accuracy=acc,
-                accuracy_drop=drop,
-                label_agreement=float(np.mean(pred == base_pred)),
-                bytes=dst.stat().st_size,
-                ships=ships,
-                reason=f"accuracy drop {drop * 100:.2f} points {'<=' if ships else '>'} {max_drop * 100:.2f}",
-            )
-            if ships:
-                entry["path"] = str(dst)
-        if not entry["ships"]:
-            dst.unlink(missing_ok=True)
-        results[name] = entry
-    report = {
-        "baseline": {"path": str(onnx_path), "accuracy": base_acc, "bytes": onnx_path.stat().st_size},
-        "n": len(labels),
-        "max_drop": max_drop,
-        "variants": results,
-    }
-    (out_dir / "variants.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    return report
-
-
-def run_export_variants(onnx_path: str | Path, out_dir: str | Path, val_path: str | Path,
-                        calibration_path: str | Path | None = None) -> dict[str, Any]:
-    """File-level entry point: exported model + clean tables -> ``out_dir`` of variants,
-    scored on the validation split ``val_path``, int8 calibrated on ``calibration_path``
-    (the training split in the pipeline; default: ``val_path``)."""
-    calibration = None if calibration_path is None else read_table(calibration_path, CLEAN_COLUMNS)
-    return export_variants(onnx_path, out_dir, read_table(val_path, CLEAN_COLUMNS), calibration_df=calibration)
+        return getattr(variants, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import kiln
+from kiln import progress
 from kiln.checkpoint import read_checkpoint, read_resume_state, save_atomically, weights_sha256
 from kiln.augment import random_rotate, random_shift
 from kiln.contract import IMAGE_SIZE, NUM_CLASSES
@@ -372,6 +373,8 @@ def _fit(config: TrainConfig, train_df: pd.DataFrame, val_df: pd.DataFrame, chec
         if ddp.rank == 0 and run.best_state:  # the best so far + how to go on, should this run die
             save_atomically(_checkpoint(run), checkpoint_path)
         bar.set_postfix(val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.4f}")
+        if ddp.rank == 0:  # the bar is off behind kfp.local's pipe: `kiln run` draws this one
+            progress.emit("train", epoch, config.epochs, val_loss=round(val_loss, 4), val_acc=round(val_acc, 4))
         log(f"epoch {epoch}: train_loss={train_loss:.4f} val_loss={val_loss:.4f} "
             f"val_accuracy={val_acc:.4f}{' *' if improved else ''}")
         if run.stopped:
