@@ -184,7 +184,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE, cluster: ClusterOptions | None = 
             model_store: Model store root the server reads; on a cluster the model-store PVC mount.
             data_rev: Branch, tag or commit of data_repo; "" is the default branch (a local path: its workspace). Resolved on every run: new commits retrain, unchanged data is served from cache.
             model_name: Name of the model in the store (and on the inference server).
-            model_type: Architecture, "cnn" or "mlp".
+            model_type: Network family of kiln.models: "cnn", "mlp", "gru" or "transformer".
             epochs: Training epochs.
             seed: Random seed of training (same data + seed + code = same model).
             train_gpus: GPUs for the train step (DDP when > 1); only used when compiled with GPUs. With the trainjob backend: GPUs per TrainJob node.

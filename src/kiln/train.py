@@ -40,6 +40,8 @@ from kiln.models import MODEL_TYPES, Preprocess, build_model
 
 MODELS = MODEL_TYPES
 DEVICES = ("auto", "cpu", "cuda")
+FAMILY_SIZE_FIELDS = ("gru_hidden_size", "gru_layers", "patch_size", "d_model", "heads", "encoder_layers")
+"""TrainConfig fields that size the ``gru`` and ``transformer`` families (positive ints)."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,10 @@ class TrainConfig:
 
     model: str = "cnn"
     """Network family, a key of :data:`kiln.models.FAMILIES`: ``"cnn"`` (two conv
-    blocks + MLP head) or ``"mlp"`` (784-512-10)."""
+    blocks + MLP head, the default), ``"mlp"`` (784-512-10), ``"gru"`` (a GRU reading
+    the image row by row, sized by ``gru_*``) or ``"transformer"`` (a ViT-style patch
+    encoder, sized by ``patch_size``, ``d_model``, ``heads``, ``encoder_layers``). Each
+    family reads only its own size fields."""
 
     epochs: int = 10
     """Maximum passes over the training table; early stopping may end sooner."""
@@ -64,6 +69,29 @@ class TrainConfig:
 
     dropout: float = 0.25
     """Dropout before the classifier's last layer (0 disables)."""
+
+    gru_hidden_size: int = 128
+    """``gru``: width of the recurrent state (per layer)."""
+
+    gru_layers: int = 2
+    """``gru``: stacked GRU layers."""
+
+    patch_size: int = 4
+    """``transformer``: side of the square patches that become tokens; must divide 28
+    (4 gives 49 tokens, 7 gives 16)."""
+
+    d_model: int = 64
+    """``transformer``: token width; a multiple of 4 and of ``heads``."""
+
+    heads: int = 4
+    """``transformer``: attention heads per encoder layer."""
+
+    encoder_layers: int = 3
+    """``transformer``: encoder blocks (self-attention + MLP, pre-norm)."""
+
+    stem_channels: int = 32
+    """``transformer``: channels of the two 3x3 convolutions run over the image before it
+    is cut into patches; 0 gives the plain ViT patch embedding (raw pixels -> tokens)."""
 
     max_shift: int = 2
     """Training augmentation: each image is shifted by a random whole number of pixels
@@ -101,7 +129,7 @@ class TrainConfig:
             if getattr(self, name) not in choices:
                 raise bad(name, f"one of {choices}")
         for name, low in (("epochs", 1), ("batch_size", 1), ("eval_batch_size", 1), ("patience", 0), ("max_shift", 0),
-                          ("seed", 0)):
+                          ("seed", 0), ("stem_channels", 0), *((size, 1) for size in FAMILY_SIZE_FIELDS)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise bad(name, "a positive int" if low else "a non-negative int")
@@ -113,6 +141,9 @@ class TrainConfig:
             ("max_shift", self.max_shift < IMAGE_SIZE, f"< {IMAGE_SIZE}"), ("lr", self.lr > 0, "> 0"),
             ("weight_decay", self.weight_decay >= 0, ">= 0"), ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
             ("max_rotation", 0 <= self.max_rotation <= 45, "in [0, 45] degrees"), ("amp", isinstance(self.amp, bool), "a bool"),
+            ("patch_size", IMAGE_SIZE % self.patch_size == 0, f"a divisor of {IMAGE_SIZE} (1, 2, 4, 7, 14 or 28)"),
+            ("d_model", self.d_model % self.heads == 0 and self.d_model % 4 == 0,
+             f"a multiple of 4 (sine-cosine positions) and of heads={self.heads}"),
         ):
             if not ok:
                 raise bad(name, requirement)

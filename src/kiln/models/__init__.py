@@ -14,12 +14,16 @@ from typing import Any
 
 from torch import nn
 
-from kiln.models import cnn, mlp
+from kiln.models import cnn, gru, mlp, transformer
 from kiln.models.base import MNIST_MEAN, MNIST_STD, Preprocess, ServingModel, predict_proba
 from kiln.models.cnn import ConvNet
+from kiln.models.gru import RowGRU
 from kiln.models.mlp import MLP
+from kiln.models.transformer import PatchTransformer
 
-FAMILIES: dict[str, Callable[[Mapping[str, Any]], nn.Module]] = {"cnn": cnn.build, "mlp": mlp.build}
+FAMILIES: dict[str, Callable[[Mapping[str, Any]], nn.Module]] = {
+    "cnn": cnn.build, "mlp": mlp.build, "gru": gru.build, "transformer": transformer.build,
+}
 """``model_type`` -> the family's ``build(config)``."""
 
 MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)
@@ -46,7 +50,9 @@ __all__ = [
     "MNIST_STD",
     "MODEL_TYPES",
     "ConvNet",
+    "PatchTransformer",
     "Preprocess",
+    "RowGRU",
     "ServingModel",
     "build_model",
     "predict_proba",
