@@ -60,10 +60,10 @@ def test_build_model_maps_normalised_images_to_logits(model: str) -> None:
 
 
 def test_families_come_from_the_registry() -> None:
-    assert MODEL_TYPES == ("cnn", "mlp") and train_mod.MODELS == MODEL_TYPES
+    assert MODEL_TYPES == ("cnn", "mlp", "gru", "transformer") and train_mod.MODELS == MODEL_TYPES
     # a checkpoint's saved config (a plain dict) is enough to rebuild its network
     assert isinstance(build_model({"model": "cnn", "dropout": 0.0}), torch.nn.Module)
-    with pytest.raises(ValueError, match=r"unknown model 'rnn'; known families are \['cnn', 'mlp'\]"):
+    with pytest.raises(ValueError, match=r"unknown model 'rnn'; known families are \['cnn', 'mlp', 'gru', 'transformer'\]"):
         build_model({"model": "rnn", "dropout": 0.0})
 
 
