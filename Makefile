@@ -44,12 +44,19 @@ serve: setup
 compile: setup
 	$(BIN)/kiln compile
 
+# Test files are spread over two workers (pytest-xdist; a file's tests stay together, so
+# its fixtures are built once), then the timing-sensitive `load` tests run alone, on a
+# machine nothing else in the suite is loading. Exit status 5 is "no test selected" (ARGS
+# naming files without load tests).
+PYTEST_WORKERS ?= 2
 test: setup
-	$(BIN)/pytest -q $(ARGS)
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not load" $(ARGS)
+	$(BIN)/pytest -q -m load $(ARGS) || [ $$? -eq 5 ]
 
-# everything but the end-to-end pipeline runs
+# the quick loop: no `slow` tests (real pipeline runs, training, venvs, subprocess servers,
+# DVC remotes, compiles) and no `load` tests
 test-fast: setup
-	$(BIN)/pytest -q -m "not slow and not load" $(ARGS)
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow and not load" $(ARGS)
 
 # The structural rules of src/kiln (module and function sizes, no step importing another
 # step's module), read with ast; plus a byte-compile of everything under src.

@@ -29,6 +29,7 @@ def test_outside_a_checkout_pipeline_commands_say_why(tmp_path: Path) -> None:
         find_repo_root(tmp_path)
 
 
+@pytest.mark.slow  # compiles the pipeline twice
 def test_compile_takes_the_cluster_options(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import yaml
 

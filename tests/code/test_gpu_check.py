@@ -12,6 +12,8 @@ import torch
 
 from helpers import REPO_ROOT
 
+pytestmark = pytest.mark.slow  # trains and exports a model
+
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: run `make gpu-check` itself")
 def test_gpu_check_without_cuda_says_so_in_one_line(tmp_path: Path) -> None:

@@ -24,6 +24,8 @@ from kiln import images as kiln_images
 from kiln.contract import IMAGE_SIZE, INPUT_NAME
 from kiln.store import ModelStore
 
+pytestmark = pytest.mark.slow  # builds a venv with the serve extra alone
+
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
 EXTRAS = PYPROJECT["project"]["optional-dependencies"]
 HEAVY = ("torch", "kfp", "dvc", "great-expectations", "great_expectations", "pandas", "scikit-learn", "onnx==")

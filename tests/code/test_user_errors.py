@@ -14,6 +14,8 @@ import pytest
 from helpers import REPO_ROOT, commit_data, dvc, init_dvc_repo, mnist_subset, sh
 from kiln.data import write_dataset
 
+pytestmark = pytest.mark.slow  # each mistake runs the real CLI in a subprocess, some through a pipeline step
+
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
        "DVC_NO_ANALYTICS": "1"}
 

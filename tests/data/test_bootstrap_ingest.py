@@ -12,6 +12,8 @@ from helpers import REPO_ROOT, commit_data, dvc, init_dvc_repo, mnist_subset, sh
 from kiln.data import bootstrap, write_dataset
 from kiln.ingest import IngestError, ResolvedData, ingest, resolve, with_credentials
 
+pytestmark = pytest.mark.slow  # real DVC repositories and remotes, one per test
+
 
 def test_bootstrap_matches_committed_data_dvc(tmp_path: Path) -> None:
     committed = yaml.safe_load((REPO_ROOT / "data.dvc").read_text())["outs"][0]

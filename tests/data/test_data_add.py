@@ -12,6 +12,8 @@ from helpers import commit_data, dvc, init_dvc_repo, mnist_subset
 from kiln.cli import main
 from kiln.data import AddError, add_images, encode_png, write_dataset
 
+pytestmark = pytest.mark.slow  # real DVC repositories
+
 
 def _md5(repo: Path) -> str:
     return yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"]

@@ -19,6 +19,8 @@ from helpers import commit_data, dvc, init_dvc_repo, mnist_subset, sh
 from kiln.data import write_dataset
 from kiln.ingest import IngestError, ingest
 
+pytestmark = pytest.mark.slow  # moto's S3 server in a subprocess, DVC push and a fresh clone
+
 BUCKET = "kiln-data"
 REMOTE = "storage"
 

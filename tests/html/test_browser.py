@@ -21,7 +21,7 @@ from kiln.report import SECTIONS, write_report
 
 from helpers import serve
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]  # headless Chromium on real pages
 
 
 def test_report_opens_with_every_section_and_image(tiny_runs, report_of, page, tmp_path: Path) -> None:

@@ -8,6 +8,8 @@ import pytest
 
 from kiln.html import compact, demo_page, fixed, number, percent, png_data_uri, render, signed, size
 
+pytestmark = pytest.mark.slow  # a small real run through every step
+
 
 def test_formatters() -> None:
     assert [number(0.987654), number(1.23456e-5), number(3), number(None), number(math.nan)] == \

@@ -14,6 +14,8 @@ from PIL import Image
 from kiln.html import render
 from kiln.report import SECTIONS, EvaluationSummary, Lineage, RunReport, Validation, render_report, write_report
 
+pytestmark = pytest.mark.slow  # a small real run through every step
+
 IMG_SRC = re.compile(r'<img[^>]*\bsrc="([^"]*)"')
 
 

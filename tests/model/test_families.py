@@ -25,6 +25,8 @@ from kiln.models import FAMILIES, MODEL_TYPES, PatchTransformer, RowGRU, build_m
 from kiln.runtime import predict
 from kiln.train import TrainConfig, train
 
+pytestmark = pytest.mark.slow  # trains and exports every family
+
 NEW_FAMILIES = ("gru", "transformer")
 
 

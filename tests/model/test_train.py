@@ -326,6 +326,7 @@ def test_rank_slices_partition_the_global_batch_in_order() -> None:
     assert [p.tolist() for p in parts] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
 
 
+@pytest.mark.slow  # spawns DDP processes
 def test_ddp_two_ranks_match_single_process_run(ddp_tables) -> None:
     d, small_train, small_val = ddp_tables
     # no dropout and no BatchNorm: the only difference left is reduction order
@@ -347,6 +348,7 @@ def test_ddp_two_ranks_match_single_process_run(ddp_tables) -> None:
         assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-4)
 
 
+@pytest.mark.slow  # spawns DDP processes
 def test_ddp_cnn_ranks_agree_including_batchnorm_buffers(ddp_tables) -> None:
     d, _, _ = ddp_tables
     overrides = dict(model="cnn", epochs=1, batch_size=32, device="cpu", seed=0)
@@ -355,6 +357,7 @@ def test_ddp_cnn_ranks_agree_including_batchnorm_buffers(ddp_tables) -> None:
     assert rank0["history"][0]["val_accuracy"] > 0.3  # it learnt something in one epoch
 
 
+@pytest.mark.slow  # spawns DDP processes
 def test_run_train_with_two_processes_launches_torchrun(ddp_tables) -> None:
     from kiln.train import run_train
 

@@ -107,6 +107,7 @@ def ran_steps(repo: Path, work: Path, image: str) -> list[str]:
     return sorted(p.name for p in root.glob("resolve-ingest-*/*") if p.is_dir())
 
 
+@pytest.mark.slow  # two kfp.local runs
 def test_a_code_version_change_misses_the_cache(tmp_path: Path) -> None:
     import shutil
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from helpers import REPO_ROOT
+
+pytestmark = pytest.mark.slow  # each test compiles the pipeline
 
 
 def compile_to(tmp_path: Path, image: str | None = None) -> dict:

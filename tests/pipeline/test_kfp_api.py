@@ -21,6 +21,8 @@ from kiln.cli import main as kiln
 sys.path.insert(0, str(Path(__file__).parent))
 from kfp_fake import PREFIX, FakeKfp  # noqa: E402
 
+pytestmark = pytest.mark.slow  # compiles the pipeline and runs an API server
+
 
 @pytest.fixture()
 def api(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):

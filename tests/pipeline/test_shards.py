@@ -19,6 +19,8 @@ from kiln.ingest import PLAN_COLUMNS, fetch_shard, plan_shards, raw_table_from_d
 from kiln.shard import clean_shard, merge_parts
 from kiln.stats import image_statistics
 
+pytestmark = pytest.mark.slow  # kfp.local runs
+
 SHARDS = 4
 
 

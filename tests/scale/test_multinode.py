@@ -16,6 +16,9 @@ import torch
 from helpers import REPO_ROOT
 from kiln.train import TrainConfig, read_checkpoint, weights_sha256
 from kiln.trainjob import JobPaths, trainer_command
+import pytest
+
+pytestmark = pytest.mark.slow  # two torchrun node processes
 
 def _free_port() -> int:
     with socket.socket() as s:

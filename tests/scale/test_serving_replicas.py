@@ -19,6 +19,8 @@ from helpers import REPO_ROOT, tiny_onnx
 from kiln.deploy import deploy
 from kiln.store import ModelStore
 
+pytestmark = pytest.mark.slow  # three kiln serve processes
+
 MODEL = "mnist"
 REPLICAS = 3
 POLL_INTERVAL_S = 0.5

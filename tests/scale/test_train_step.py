@@ -12,6 +12,8 @@ from kfp import dsl
 
 from components.train import train
 
+pytestmark = pytest.mark.slow  # a real 2-node training through the train adapter
+
 
 def artifact(kind, path: Path, **metadata):
     out = kind(uri=str(path))

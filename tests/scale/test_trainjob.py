@@ -15,6 +15,8 @@ from pydantic import ValidationError
 from kiln.train import TrainConfig, read_checkpoint, weights_sha256
 from kiln.trainjob import JobPaths, TrainJobError, TrainJobOptions, TrainJobTimeout, build_trainjob
 
+pytestmark = pytest.mark.slow  # training runs as fake TrainJob nodes (real processes)
+
 
 def built(**options) -> tuple[TrainJobOptions, dict]:
     opts = TrainJobOptions(**{"image": "registry.example/kiln:1.0", **options})

@@ -22,6 +22,8 @@ from kiln.serving.server import create_app
 from kiln.store import ModelStore
 from kiln.train import TrainConfig, train
 
+pytestmark = pytest.mark.slow  # trains, exports and serves every family
+
 FAMILIES = ("gru", "transformer")
 
 
