@@ -70,7 +70,7 @@ def test_unknown_data_revision(repo: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("option, phrase", [
     (["--epochs", "0"], "TrainConfig.epochs must be a positive int, got 0"),
-    (["--model-type", "foo"], "TrainConfig.model must be one of ('cnn', 'mlp'), got 'foo'"),
+    (["--model-type", "foo"], "TrainConfig.model must be one of ('cnn', 'mlp', 'gru', 'transformer'), got 'foo'"),
     (["--min-accuracy", "95"], "Thresholds.min_accuracy must be a number in [0, 1], got 95.0"),
     (["--train-config", '{"lrr": 1}'], "TrainConfig has no field(s) ['lrr']"),
 ])
