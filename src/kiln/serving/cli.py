@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the server until signalled. Returns 0, or 1 if startup failed."""
     settings, host, port = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app: FastAPI = create_app_from_settings(settings, freeze_gc=True)
+    app: FastAPI = create_app_from_settings(settings, freeze_gc=True, host=host)
     config = uvicorn.Config(
         app,
         host=host,

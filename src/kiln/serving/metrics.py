@@ -35,9 +35,15 @@ class ServerMetrics:
             ["model", "version", "code"],
             registry=registry,
         )
+        self.grpc_requests = Counter(
+            "kiln_grpc_inference_requests",
+            "gRPC ModelInfer calls by model, version and gRPC status code name (OK, INVALID_ARGUMENT...).",
+            ["model", "version", "code"],
+            registry=registry,
+        )
         self.latency = Histogram(
             "kiln_inference_request_duration_seconds",
-            "Inference request latency (total), body read to response built.",
+            "Inference request latency (total, REST and gRPC), request read to response built.",
             ["model", "version"],
             registry=registry,
             buckets=_LATENCY_BUCKETS,
