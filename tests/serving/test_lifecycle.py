@@ -110,7 +110,7 @@ def test_sigterm_under_load_drains_and_fails_no_accepted_request(make_store, mod
     drain_s = 1.5
     proc = subprocess.Popen(
         [sys.executable, "-m", "kiln.serving.server", "--store", str(root), "--model", MODEL, "--port", str(port),
-         "--drain-delay-s", str(drain_s), "--poll-interval-s", "0"],
+         "--drain-delay-s", str(drain_s), "--poll-interval-s", "0", "--grpc-port", "0"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
