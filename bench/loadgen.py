@@ -284,6 +284,6 @@ def run_h2load(url: str, body: Path, concurrency: int, seconds: int, headers: di
         "mean_ms": round(statistics.fmean(latencies) / 1e3, 3) if latencies else 0.0,
         "p50_ms": pct(0.50), "p90_ms": pct(0.90), "p99_ms": pct(0.99),
         "succeeded": succeeded, "errors": failed + errored + timeout,
-        "protocol": "HTTP/1.1" if h1 else "HTTP/2",
+        "http_version": "HTTP/1.1" if h1 else "HTTP/2",
         "h2load_cpu_s": round((after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime), 3),
     }

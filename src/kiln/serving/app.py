@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import re
 import time
 import weakref
 from collections.abc import AsyncIterator
@@ -290,6 +291,28 @@ async def infer(request: Request) -> Response:
 
 
 INFER_PATHS = ("/v2/models/{model}/infer", "/v2/models/{model}/versions/{version}/infer")
+_INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+
+
+class KilnApp(FastAPI):
+    """FastAPI, with the infer POST answered before its middleware stack.
+
+    On that path nothing of the stack is used: ``ServingState.infer`` turns every error
+    into its response and counts it itself, and the request is parsed by hand. Each
+    middleware layer (error handling, exception routing, exit stacks, body limits) wraps
+    ``receive`` and ``send`` once more, which on a small model costs as much CPU as the
+    inference. Everything else goes through FastAPI as usual.
+    """
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            match = _INFER_PATH.fullmatch(scope["path"])
+            if match is not None:
+                scope["app"] = self
+                response = await self.state.serving.infer(Request(scope, receive), match[1], match[2])
+                await response(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
 
 # --- errors -----------------------------------------------------------------------------------
@@ -374,7 +397,7 @@ def create_app(
 
 
 def _application(state: ServingState) -> FastAPI:
-    app = FastAPI(
+    app = KilnApp(
         title="kiln model server", version=__version__, lifespan=state.lifespan, docs_url=None, redoc_url=None
     )
     app.state.serving = state
@@ -387,9 +410,8 @@ def _application(state: ServingState) -> FastAPI:
     ):
         app.add_exception_handler(exc_class, handler)  # type: ignore[arg-type]
     app.include_router(router)
-    # Plain Starlette routes, matched first: the hot path skips FastAPI's dependency
-    # solving and the scan past the other routes. They take no typed parameters, so
-    # nothing is lost; the body is parsed by hand anyway.
+    # Plain Starlette routes, matched first (KilnApp answers these paths before routing;
+    # the routes keep them in the application's route table and its 405s).
     for path in INFER_PATHS:
         app.router.routes.insert(0, Route(path, infer, methods=["POST"], include_in_schema=False))
     return app

@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 import math
 import struct
 import zlib
@@ -26,6 +25,7 @@ from collections.abc import Mapping
 from typing import Annotated, Any
 
 import numpy as np
+import orjson
 from fastapi.responses import JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
@@ -34,7 +34,7 @@ from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
 from kiln.contract import IMAGE_SIZE, INPUT_NAME
 from kiln.serving.errors import ApiError
-from kiln.serving.predictor import V2_TO_NUMPY, InferenceInputError, OnnxPredictor
+from kiln.serving.predictor import V2_TO_NUMPY, InferenceError, InferenceInputError, OnnxPredictor
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 IMAGE_INPUT = "image"
@@ -341,10 +341,19 @@ def to_binary(array: np.ndarray, datatype: str) -> bytes:
     return np.ascontiguousarray(array, dtype=V2_TO_NUMPY[datatype]).tobytes()
 
 
-def _to_json(array: np.ndarray, datatype: str) -> list[Any]:
+def _to_json(array: np.ndarray, datatype: str, name: str) -> list[Any] | np.ndarray:
+    """An output's ``data``: flat, row-major; numbers stay a numpy array (orjson writes it directly)."""
     if datatype == "BYTES":
         return [x if isinstance(x, str) else bytes(x).decode("utf-8", "replace") for x in array.ravel()]
-    return array.ravel().tolist()
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        # JSON has no NaN or infinity: never let one turn silently into null
+        raise InferenceError(f"output {name!r} contains NaN or infinity, which JSON cannot carry (ask for binary_data)")
+    return np.ascontiguousarray(array.ravel())
+
+
+def dumps(payload: Any) -> bytes:
+    """Compact JSON (orjson, numpy arrays written natively: no per-element Python objects)."""
+    return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def decode_request(
@@ -378,15 +387,15 @@ def encode_response(
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            entry["data"] = _to_json(array, datatype)
+            entry["data"] = _to_json(array, datatype, name)
         outputs.append(entry)
     payload: dict[str, Any] = {"model_name": predictor.name, "model_version": predictor.version}
     if request.id is not None:
         payload["id"] = request.id
     payload["outputs"] = outputs
     if not blobs:
-        return JSONResponse(payload)
-    json_part = json.dumps(payload, separators=(",", ":")).encode()
+        return Response(dumps(payload), media_type="application/json")
+    json_part = dumps(payload)
     return Response(
         json_part + b"".join(blobs),
         media_type="application/octet-stream",
