@@ -52,6 +52,7 @@ import os
 import platform
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -334,6 +335,38 @@ def grpc_vs_rest(store: Path, model_name: str, body: bytes, image: np.ndarray, e
                                "server_cpu_us_per_request": round((cpu1 - cpu0) / max(r["requests"], 1) * 1e6, 1)})
                 print(f"  h2load kiln {proto:<5} c={c:<3} {r['rps']:>8.1f} req/s  p99 {r['p99_ms']:>7.2f} ms  "
                       f"server OK {int(ok)} not OK {points[-1]['server_not_ok']}", file=sys.stderr, flush=True)
+    points += grpc_floor(grpc_body, protocols["grpc"][2], args, work, env)
+    return points
+
+
+def grpc_floor(body: Path, headers: dict[str, str], args: argparse.Namespace, work: Path,
+               env: dict[str, str]) -> list[dict[str, Any]]:
+    """grpc.aio on uvloop answering a fixed response (bench/grpc_echo.py), same h2load runs:
+    the most any Python handler behind grpcio can reach here."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "grpc_echo.py"), str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/inference.GRPCInferenceService/ModelInfer"
+    points = []
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("bench/grpc_echo.py did not start")
+            time.sleep(0.2)
+        run_h2load(url, body, max(args.concurrency), args.warmup, headers, h1=False, log=work / "h2-warm.log")
+        for c in args.concurrency:
+            time.sleep(0.5)
+            r = run_h2load(url, body, c, args.duration, headers, h1=False, log=work / f"h2-echo-{c}.log")
+            points.append({"protocol": "grpc_echo_floor", "concurrency": c, **r, "server_ok": r["succeeded"],
+                           "server_not_ok": 0})
+            print(f"  h2load grpc.aio echo c={c:<3} {r['rps']:>8.1f} req/s", file=sys.stderr, flush=True)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
     return points
 
 
@@ -390,6 +423,10 @@ def compute_ratios(points: list[dict[str, Any]], ort_rows: list[dict[str, Any]],
         v = ratio(f"grpc_vs_rest_rps_c{c} (tiny, h2load, server-counted OK)",
                   g and g["server_ok"] / g["duration_s"], r and r["server_ok"] / r["duration_s"])
         out.append(target(v, ">= 1.3", lambda x: x >= 1.3) if c == 16 else v)
+    for c in CONCURRENCY:
+        e, r = by.get(("grpc_echo_floor", c)), by.get(("rest", c))
+        out.append(ratio(f"grpc_echo_floor_vs_rest_rps_c{c} (h2load)", e and e["rps"], r and r["server_ok"] / r["duration_s"],
+                         note="a grpc.aio server answering a fixed response, no model: the ceiling of gRPC in Python here"))
     for c in CONCURRENCY:
         v = ratio(f"batching_on_vs_off_rps_c{c} (heavy)", get("kiln", "heavy", True, c, "rps"),
                   get("kiln", "heavy", False, c, "rps"))
