@@ -1,4 +1,4 @@
-"""Benchmark: the kiln model server under load, against its peers (KServe, MLServer, Triton) and in-process ONNX Runtime.
+"""Benchmark: the kiln model server under load, against its peers and in-process ONNX Runtime.
 
 Requests/s and p50/p99 latency at concurrency 1, 16 and 64 for ``kiln serve`` with
 batching on and off, driven by Debian's ``wrk`` with a Lua script that POSTs one
@@ -53,7 +53,6 @@ import platform
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -66,6 +65,14 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.serve_baselines import (  # noqa: E402
+    MODEL_NAMES,
+    build_models,
+    in_process_ort,
+    kiln_codec,
+    kiln_session_settings,
+)
+from bench.serve_report import CONCURRENCY, compute_ratios, print_summary  # noqa: E402
 from bench.loadgen import (  # noqa: E402
     LUA,
     Server,
@@ -80,151 +87,6 @@ from bench.loadgen import (  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "serve.json"
-CONCURRENCY = (1, 16, 64)
-MODEL_NAMES = {"tiny": "mnist", "heavy": "mnist-heavy"}
-
-# --- models ------------------------------------------------------------------------------------
-
-
-def heavy_net(channels: tuple[int, int], hidden: int, layers: int):
-    """kiln's ConvNet, wider, with a deeper and wider head (normalised [N,1,28,28] -> logits [N,10])."""
-    from torch import nn
-
-    c1, c2 = channels
-    mods: list[nn.Module] = [
-        nn.Conv2d(1, c1, 3, padding=1), nn.BatchNorm2d(c1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(c1, c2, 3, padding=1), nn.BatchNorm2d(c2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(c2 * 7 * 7, hidden), nn.ReLU(),
-    ]
-    for _ in range(layers - 1):
-        mods += [nn.Linear(hidden, hidden), nn.ReLU()]
-    mods.append(nn.Linear(hidden, 10))
-    return nn.Sequential(*mods)
-
-
-def build_models(work: Path, store: Path, images: np.ndarray, labels: np.ndarray,
-                 args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """Export both models and deploy each as version 1 (production) of its name in ``store``."""
-    import hashlib
-
-    import onnx
-    import pandas as pd
-    import torch
-
-    from kiln.deploy import deploy
-    from kiln.export import _export_proto, check_onnx_contract, export_onnx
-    from kiln.train import ServingModel, TrainConfig, build_model
-
-    models: dict[str, dict[str, Any]] = {}
-    # tiny: kiln's own architecture and export path (contract + parity gate) on real digits
-    torch.manual_seed(0)
-    config = TrainConfig(model="cnn", device="cpu")
-    net = build_model(config).eval()
-    ckpt = work / "tiny.pt"
-    torch.save({"config": config.to_dict(), "state_dict": net.state_dict(), "history": [], "best_epoch": None}, ckpt)
-    pixels = [img.tobytes() for img in images[:256]]
-    val_df = pd.DataFrame({"id": [f"{i:05d}" for i in range(len(pixels))], "label": labels[:256].astype(np.int64),
-                           "pixels": pixels, "sha256": [hashlib.sha256(p).hexdigest() for p in pixels]})
-    export_onnx(ckpt, work / "tiny.onnx", val_df, {"data_version": "bench-untrained"})
-    models["tiny"] = {"architecture": "kiln ConvNet (TrainConfig(model='cnn')), seeded, untrained",
-                      "parameters": sum(p.numel() for p in net.parameters()), "onnx": work / "tiny.onnx"}
-
-    # heavy: same contract, a wider network; exported with kiln's exporter and contract check
-    torch.manual_seed(0)
-    c1, c2 = args.heavy_channels
-    hnet = heavy_net((c1, c2), args.heavy_hidden, args.heavy_layers).eval()
-    proto = _export_proto(ServingModel(hnet).eval())
-    onnx.checker.check_model(proto, full_check=True)
-    check_onnx_contract(proto)
-    spec = {"model": "bench-heavy-cnn", "channels": [c1, c2], "hidden": args.heavy_hidden, "layers": args.heavy_layers}
-    proto.metadata_props.add(key="train_config", value=json.dumps(spec))
-    onnx.save_model(proto, str(work / "heavy.onnx"), save_as_external_data=False)
-    models["heavy"] = {"architecture": f"conv({c1})-pool-conv({c2})-pool-" + "-".join([f"fc({args.heavy_hidden})"] * args.heavy_layers)
-                       + "-fc(10), batchnorm+relu, seeded, untrained",
-                       "parameters": sum(p.numel() for p in hnet.parameters()), "onnx": work / "heavy.onnx"}
-
-    for key, info in models.items():
-        version = deploy(info["onnx"], store, MODEL_NAMES[key], {"note": "bench/serve.py"})
-        info.update(model_name=MODEL_NAMES[key], version=version.version, onnx=version.onnx_path,
-                    onnx_bytes=version.onnx_path.stat().st_size, sha256=version.meta["sha256"])
-    return models
-
-
-# --- in-process measurements -------------------------------------------------------------------
-
-
-def ort_loop(session, feed: dict[str, np.ndarray], seconds: float) -> dict[str, Any]:
-    """Run ``session`` on ``feed`` back to back for ``seconds``: per-call latency and calls/s."""
-    for _ in range(20):
-        session.run(None, feed)
-    times: list[float] = []
-    started = time.perf_counter()
-    while time.perf_counter() - started < seconds or len(times) < 20:
-        t = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - t)
-    rows = next(iter(feed.values())).shape[0]
-    mean = sum(times) / len(times)
-    return {"calls": len(times), "mean_ms": round(mean * 1e3, 4), "p50_ms": round(statistics.median(times) * 1e3, 4),
-            "p99_ms": round(float(np.percentile(times, 99)) * 1e3, 4), "calls_per_s": round(1 / mean, 1),
-            "images_per_s": round(rows / mean, 1)}
-
-
-def in_process_ort(models: dict[str, dict[str, Any]], image: np.ndarray, seconds: float) -> list[dict[str, Any]]:
-    import onnxruntime as ort
-
-    from kiln.runtime import create_session
-
-    rows = []
-    for key, info in models.items():
-        # ONNX Runtime's own defaults (every core, spinning on) on purpose: the row says
-        # what the server's settings change.
-        sessions = {
-            "default_options": lambda path: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]),
-            "server_options": lambda path: create_session(path, kiln_session_settings()),
-        }
-        for label, open_session in sessions.items():
-            session = open_session(info["onnx"])
-            for batch in (1, 64):
-                feed = {"pixels": np.ascontiguousarray(np.repeat(image[None], batch, axis=0))}
-                r = ort_loop(session, feed, seconds if batch == 1 else seconds / 2)
-                rows.append({"model": key, "session": label, "batch": batch, **r})
-            del session
-    return rows
-
-
-def kiln_codec(store: Path, model_name: str, body: bytes, seconds: float) -> dict[str, Any]:
-    """Kiln's own decode (parse + validate) and encode (JSON response) of ``body``, timed in-process."""
-    from kiln.serving import codec
-    from kiln.serving.config import DEFAULT_MAX_BODY_BYTES
-    from kiln.serving.predictor import OnnxPredictor
-    from kiln.store import ModelStore
-
-    predictor = OnnxPredictor(ModelStore(store).production(model_name), session=kiln_session_settings())
-    predictor.load()
-    headers = {"content-type": "application/json"}
-    parsed, feed, wanted = codec.decode_request(predictor, body, headers, DEFAULT_MAX_BODY_BYTES)
-    outputs = predictor.run(feed)
-
-    def timed(fn) -> float:
-        for _ in range(50):
-            fn()
-        n, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds or n < 50:
-            fn()
-            n += 1
-        return (time.perf_counter() - started) / n * 1e6
-
-    return {
-        "body_bytes": len(body),
-        "decode_us": round(timed(lambda: codec.decode_request(predictor, body, headers, DEFAULT_MAX_BODY_BYTES)), 1),
-        "pydantic_parse_us": round(timed(lambda: codec.parse_request(body)), 1),
-        "inference_us": round(timed(lambda: predictor.run(feed)), 1),
-        "encode_us": round(timed(lambda: codec.encode_response(predictor, parsed, wanted, outputs)), 1),
-        "note": "one caller thread, no load: decode_request = JSON parse (pydantic) + tensor decode + validation; "
-                "encode_response = response dict + JSON rendering (JSONResponse)",
-    }
-
 
 # --- driving -----------------------------------------------------------------------------------
 
@@ -261,15 +123,6 @@ def kiln_cmd(store: Path, model: str, port: int, batching: bool, grpc_port: int 
     return [sys.executable, "-m", "kiln.cli", "serve", "--store", str(store), "--model", model,
             "--host", "127.0.0.1", "--port", str(port), "--batching" if batching else "--no-batching",
             "--device", "cpu", "--grpc-port", str(grpc_port)]
-
-
-def kiln_session_settings():
-    """The ONNX Runtime settings ``kiln serve`` builds with the flags of ``kiln_cmd``
-    (``--device cpu``; intra-op threads = the CPU quota): every peer and baseline gets them
-    (tests/serving/test_runtime.py checks that they are the same)."""
-    from kiln.runtime import SessionSettings
-
-    return SessionSettings(device="cpu")
 
 
 def measure_peers(names: list[str], venvs: dict[str, Path], model: dict[str, Any], body: bytes, expected: int,
@@ -370,83 +223,6 @@ def grpc_floor(body: Path, headers: dict[str, str], args: argparse.Namespace, wo
     return points
 
 
-def ratio(name: str, num: float | None, den: float | None, target: str | None = None,
-          met: bool | None = None, note: str = "") -> dict[str, Any]:
-    value = round(num / den, 3) if num is not None and den else None
-    out: dict[str, Any] = {"name": name, "value": value}
-    if target is not None:
-        out["target"] = target
-        out["met"] = met
-    if note:
-        out["note"] = note
-    return out
-
-
-def compute_ratios(points: list[dict[str, Any]], ort_rows: list[dict[str, Any]], grpc_points: list[dict[str, Any]],
-                   tolerance: float) -> list[dict[str, Any]]:
-    """The issue's targets table (kiln REST = batching on, tiny model), then informational ratios."""
-    def get(server: str, model: str, batching: bool | None, c: int, field: str) -> float | None:
-        for p in points:
-            if p["server"] == server and p["model"] == model and p["batching"] == batching and p["concurrency"] == c:
-                return p[field]
-        return None
-
-    def limit(model: str) -> float | None:
-        rates = [r["calls_per_s"] for r in ort_rows if r["model"] == model and r["batch"] == 1]
-        return max(rates) if rates else None
-
-    def target(v: dict[str, Any], text: str, ok) -> dict[str, Any]:
-        return {**v, "target": text, "met": v["value"] is not None and ok(v["value"])}
-
-    peers = sorted({p["server"] for p in points if p["server"] != "kiln"})
-    out = []
-    for c in CONCURRENCY:
-        rates = {peer: get(peer, "tiny", None, c, "rps") for peer in peers}
-        rates = {k: v for k, v in rates.items() if v}
-        best = max(rates, key=rates.get) if rates else None
-        v = ratio(f"rest_vs_best_peer_rps_c{c} (tiny)", get("kiln", "tiny", True, c, "rps"), rates.get(best),
-                  note=f"best peer: {best}")
-        goal = 1.5 if c == 1 else 2.0
-        out.append(target(v, f">= {goal}", lambda x, g=goal: x >= g))
-    for c in CONCURRENCY:
-        v = ratio(f"rest_vs_kserve_rps_c{c} (tiny)", get("kiln", "tiny", True, c, "rps"), get("kserve", "tiny", None, c, "rps"))
-        out.append(target(v, ">= 3.0", lambda x: x >= 3.0) if c != 1 else v)
-    p99s = {peer: get(peer, "tiny", None, 16, "p99_ms") for peer in peers}
-    p99s = {k: v for k, v in p99s.items() if v}
-    lowest = min(p99s, key=p99s.get) if p99s else None
-    v = ratio("rest_p99_vs_best_peer_p99_c16 (tiny)", get("kiln", "tiny", True, 16, "p99_ms"), p99s.get(lowest),
-              note=f"the peer with the lowest p99 at c=16: {lowest}")
-    out.append(target(v, "<= 0.5", lambda x: x <= 0.5))
-    by = {(p["protocol"], p["concurrency"]): p for p in grpc_points}
-    for c in CONCURRENCY:
-        g, r = by.get(("grpc", c)), by.get(("rest", c))
-        v = ratio(f"grpc_vs_rest_rps_c{c} (tiny, h2load, server-counted OK)",
-                  g and g["server_ok"] / g["duration_s"], r and r["server_ok"] / r["duration_s"])
-        out.append(target(v, ">= 1.3", lambda x: x >= 1.3) if c == 16 else v)
-    for c in CONCURRENCY:
-        e, r = by.get(("grpc_echo_floor", c)), by.get(("rest", c))
-        out.append(ratio(f"grpc_echo_floor_vs_rest_rps_c{c} (h2load)", e and e["rps"], r and r["server_ok"] / r["duration_s"],
-                         note="a grpc.aio server answering a fixed response, no model: the ceiling of gRPC in Python here"))
-    for c in CONCURRENCY:
-        v = ratio(f"batching_on_vs_off_rps_c{c} (heavy)", get("kiln", "heavy", True, c, "rps"),
-                  get("kiln", "heavy", False, c, "rps"))
-        out.append(target(v, ">= 3.0", lambda x: x >= 3.0) if c == 64 else v)
-    for c in CONCURRENCY:
-        v = ratio(f"batching_on_vs_off_rps_c{c} (tiny)", get("kiln", "tiny", True, c, "rps"),
-                  get("kiln", "tiny", False, c, "rps"))
-        if v["value"] is not None:
-            v.update(target=f">= 1.0 (must not lower throughput; met within a {tolerance:.0%} noise band)",
-                     met=v["value"] >= 1.0 - tolerance, met_strict=v["value"] >= 1.0)
-        out.append(v)
-    for model in ("tiny", "heavy"):
-        for c in CONCURRENCY:
-            for server, batching in (("kiln", True), ("kiln", False), *((p, None) for p in peers)):
-                label = f"{server}{'' if batching is None else (' batching on' if batching else ' batching off')}"
-                out.append(ratio(f"{label}_vs_in_process_ort_batch1_rps_c{c} ({model})",
-                                 get(server, model, batching, c, "rps"), limit(model)))
-    return [r for r in out if r["value"] is not None]
-
-
 def environment(peer_versions: dict[str, dict[str, str | None]]) -> dict[str, Any]:
     import importlib.metadata as md
 
@@ -489,39 +265,6 @@ def _installed(dist: str) -> bool:
         return True
     except md.PackageNotFoundError:
         return False
-
-
-def print_summary(result: dict[str, Any]) -> None:
-    print(f"\n{'server':<8}{'model':<7}{'batching':>9}{'c':>4}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>7}"
-          f"{'batch':>7}{'CPU us/req':>11}")
-    for p in result["points"]:
-        b = {True: "on", False: "off", None: "-"}[p["batching"]]
-        batch = p.get("breakdown", {}).get("mean_batch_requests", "")
-        print(f"{p['server']:<8}{p['model']:<7}{b:>9}{p['concurrency']:>4}{p['rps']:>10.1f}{p['p50_ms']:>9.2f}"
-              f"{p['p99_ms']:>9.2f}{p['errors']:>7}{batch:>7}{p['server_cpu_us_per_request']:>11.0f}")
-    print("\nin-process ONNX Runtime (one caller thread):")
-    print(f"{'model':<7}{'session':<17}{'batch':>6}{'mean ms':>9}{'p99 ms':>9}{'calls/s':>10}{'images/s':>10}")
-    for r in result["in_process_ort"]:
-        print(f"{r['model']:<7}{r['session']:<17}{r['batch']:>6}{r['mean_ms']:>9.3f}{r['p99_ms']:>9.3f}"
-              f"{r['calls_per_s']:>10.1f}{r['images_per_s']:>10.0f}")
-    print("\nratios (targets recorded, not asserted):")
-    for r in result["ratios"]:
-        target = f"  target {r['target']}: {'met' if r['met'] else 'MISSED'}" if "target" in r else ""
-        print(f"  {r['name']:<66}{r['value']:>8.3f}{target}")
-    print("\nper-request breakdown, kiln (mean us; from /metrics deltas):")
-    print(f"{'model':<7}{'batching':>9}{'c':>4}{'client':>9}{'handler':>9}{'queue':>9}{'infer':>9}{'infer/req':>10}"
-          f"{'dec+enc+':>9}{'outside':>9}")
-    for p in result["points"]:
-        bd = p.get("breakdown")
-        if not bd:
-            continue
-        print(f"{p['model']:<7}{'on' if p['batching'] else 'off':>9}{p['concurrency']:>4}{bd['client_latency_us']:>9.0f}"
-              f"{bd['handler_total_us']:>9.0f}{bd['queue_us']:>9.0f}{bd['inference_us']:>9.0f}"
-              f"{bd['inference_amortised_us']:>10.0f}{bd['decode_encode_other_us']:>9.0f}{bd['outside_handler_us']:>9.0f}")
-    codec = result["kiln_codec_in_process"]
-    print(f"\nkiln codec in-process (tiny, {codec['body_bytes']} B body): decode {codec['decode_us']} us "
-          f"(pydantic parse {codec['pydantic_parse_us']} us), inference {codec['inference_us']} us, "
-          f"encode {codec['encode_us']} us")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

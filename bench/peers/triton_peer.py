@@ -7,8 +7,8 @@ Triton's dynamic batcher groups requests (``max_batch_size`` 64, ``max_queue_del
 array and returns ``probabilities`` FP32 [N, 10] and ``label`` INT64 [N, 1] (Triton's model
 config cannot declare a batched tensor without a dim of its own; the data is kiln's). The ONNX
 Runtime session comes from ``ort_session`` (kiln's ``kiln.runtime``) with kiln's
-``SessionSettings`` JSON given on the command line, so Triton runs the model exactly as kiln does. Only HTTP is served: gRPC and
-Prometheus metrics are off; batching shows in ``GET /v2/models/<name>/stats``
+``SessionSettings`` JSON given on the command line, so Triton runs the model exactly as kiln
+does. Only HTTP is served: gRPC and Prometheus metrics are off; batching shows in ``GET /v2/models/<name>/stats``
 (``inference_count`` rows in ``execution_count`` runs).
 """
 

@@ -71,7 +71,8 @@ def test_help_lists_every_flag_and_exits_0(capsys: pytest.CaptureFixture[str]) -
         parse_args(["--help"])
     assert info.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--store", "--model", "--host", "--port", "--no-batching", "--max-queue-delay-us", "--device", "--variant"):
+    for flag in ("--store", "--model", "--host", "--port", "--grpc-port", "--no-batching", "--max-queue-delay-us", "--device",
+                 "--variant"):
         assert flag in text, flag
     assert "KILN_" in text  # says where a flag left out comes from
 
