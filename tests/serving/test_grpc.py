@@ -235,7 +235,7 @@ fuzz_requests = st.fixed_dictionaries({
     "inputs": st.lists(tensors, max_size=3),
     "raw": st.none() | st.lists(st.binary(max_size=900) | st.just(b"\x07" * 784), max_size=3),
     "outputs": st.lists(st.sampled_from(["label", "probabilities", "nope", ""]), max_size=3),
-    "binary_out": st.none() | st.booleans() | st.integers(),
+    "binary_out": st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1),
 })
 
 
