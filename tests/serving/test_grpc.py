@@ -286,6 +286,16 @@ def test_grpc_port_setting(monkeypatch: pytest.MonkeyPatch) -> None:
         load_settings(["--grpc-port", "70000"])
 
 
+def test_a_taken_grpc_port_fails_startup(store_root, serve_app) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        app = create_app(store_root, MODEL, intra_op_threads=1, grpc_port=taken.getsockname()[1])
+        with pytest.raises(RuntimeError, match="did not start"):
+            with serve_app(app):
+                pass
+
+
 @pytest.mark.load
 def test_sigterm_drains_grpc_and_fails_no_accepted_call(make_store, models, make_digits) -> None:
     root = make_store(production="1")
