@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA_STAMP := data/labels.csv
 
-.PHONY: setup run serve test test-fast compile data clean-runs images gpu-check kserve-sdk
+.PHONY: setup run serve test test-fast lint compile data clean-runs images gpu-check kserve-sdk
 .DEFAULT_GOAL := run
 
 setup: $(STAMP) $(DATA_STAMP)
@@ -48,6 +48,12 @@ test: setup
 # everything but the end-to-end pipeline runs
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow and not load" $(ARGS)
+
+# The structural rules of src/kiln (module and function sizes, no step importing another
+# step's module), read with ast; plus a byte-compile of everything under src.
+lint: setup
+	$(BIN)/python -m compileall -q src
+	$(BIN)/pytest -q tests/code/test_structure.py $(ARGS)
 
 clean-runs:
 	rm -rf runs

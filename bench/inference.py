@@ -30,7 +30,7 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results" / "inference.json"
 BATCHES = (1, 64, 1024)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "model"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def _time(fn, reps: int, min_seconds: float) -> list[float]:
@@ -57,12 +57,14 @@ def main() -> None:
     args = parser.parse_args()
 
     import onnxruntime as ort
-    from conftest import clean_table
+    from helpers import clean_frame as clean_table
 
     from kiln.data import mnist_5k
     from kiln.export import export_onnx, export_variants
+    from kiln.checkpoint import load_checkpoint
+    from kiln.models import ServingModel
     from kiln.runtime import SessionSettings, create_session, run_contract
-    from kiln.train import ServingModel, TrainConfig, load_checkpoint, train
+    from kiln.train import TrainConfig, train
 
     torch.set_num_threads(args.threads)
     images, labels = mnist_5k()

@@ -21,7 +21,7 @@ Measured in the same run on the same ONNX files:
 
 Models: (1) ``tiny``, kiln's default CNN (``TrainConfig(model="cnn")``, seeded and
 untrained: throughput does not depend on the weights) exported by ``kiln.export.export_onnx``
-(contract and parity checks included); (2) ``heavy``, the same contract (``kiln.train.ServingModel``
+(contract and parity checks included); (2) ``heavy``, the same contract (``kiln.models.ServingModel``
 around a wider CNN with a two-layer 2048-unit head, see ``--heavy-*``) whose batch-1
 inference takes 1 ms or more here (measured and recorded). Both are put in a model
 store with ``kiln.deploy.deploy`` (model.json with sha256, ``production`` alias), which

@@ -54,7 +54,8 @@ def build_models(work: Path, store: Path, images: np.ndarray, labels: np.ndarray
 
     from kiln.deploy import deploy
     from kiln.export import _export_proto, check_onnx_contract, export_onnx
-    from kiln.train import ServingModel, TrainConfig, build_model
+    from kiln.models import ServingModel, build_model
+    from kiln.train import TrainConfig
 
     models: dict[str, dict[str, Any]] = {}
     # tiny: kiln's own architecture and export path (contract + parity gate) on real digits

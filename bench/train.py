@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train.json"
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "model"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def _tables(n_train: int, n_val: int):
-    from conftest import clean_table  # the test helper that builds clean tables
+    from helpers import clean_frame as clean_table  # the test helper that builds clean tables
 
     from kiln.data import mnist_5k
 
@@ -47,7 +47,8 @@ def _tables(n_train: int, n_val: int):
 def plain_loop(config, train_df) -> float:
     """A minimal hand-written loop; returns seconds for the training epochs."""
     from kiln.dataset import to_arrays
-    from kiln.train import Preprocess, build_model, random_rotate, random_shift
+    from kiln.augment import random_rotate, random_shift
+    from kiln.models import Preprocess, build_model
 
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)

@@ -14,19 +14,37 @@ carries a hash of the kiln source (``kiln.version.local_image``).
 
 import argparse
 import datetime as dt
+import io
 import json
+import logging
 import sys
 import warnings
 from pathlib import Path
+from typing import TextIO
 
+from kiln.errors import ArgumentParser, DataError, StepFailedError, UsageError
 from kiln.version import local_image
+from pipelines.local_console import StepView, capture, console_stream
 from pipelines.training_pipeline import DEFAULT_IMAGE, PIPELINE_NAME, UNCACHED, build_pipeline
+
+LOG_FILE = "kiln-run.log"
+# What to do when a step fails, beyond its own error (which says what is wrong).
+STEP_HINTS = {
+    "resolve": "check --data-repo and --data-rev",
+    "ingest": "check that the data's DVC remote is reachable and its credentials (`dvc pull` in that repository "
+              "shows the same error)",
+    "validate": "the validation report in the step's folder lists the failed expectations",
+}
 
 
 def parse_args(argv: list[str], repo_root: Path) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="kiln run", description="Run the kiln pipeline locally (kfp.local).")
+    p = ArgumentParser(prog="kiln run", description="Run the kiln pipeline locally (kfp.local).")
     p.add_argument("--data-repo", default=str(repo_root), help="DVC repository holding data/ (default: this checkout)")
     p.add_argument("--data-rev", default="", help="git revision of the data ('' = workspace, the default)")
+    p.add_argument("--allow-dirty", action="store_true",
+                   help="run on a workspace whose data/ differs from data.dvc (recorded as a '+dirty' version)")
+    p.add_argument("-v", "--verbose", action="store_true", help="stream every step's full log (always in the run's "
+                   f"{LOG_FILE})")
     p.add_argument("--model-store", default=str(repo_root / "model_store"), help="model store root")
     p.add_argument("--model-name", default="mnist")
     p.add_argument("--model-type", default="cnn", choices=["cnn", "mlp"])
@@ -46,8 +64,13 @@ def parse_args(argv: list[str], repo_root: Path) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> Path:
-    """Run the pipeline once; return the run's pipeline root (its artifacts)."""
+def run(args: argparse.Namespace, console: TextIO | None = None) -> Path:
+    """Run the pipeline once; return the run's pipeline root (its artifacts).
+
+    With ``console``, everything the steps and kfp.local write goes to the run's
+    ``kiln-run.log`` and ``console`` shows one line per step (all of it with ``-v``); a
+    failed step raises :class:`StepFailedError` with the step's own error.
+    """
     from kfp import local
 
     # SubprocessRunner warns that the kiln image is not a Python base image; locally that
@@ -59,10 +82,33 @@ def run(args: argparse.Namespace) -> Path:
                enable_caching=args.cache, cache_root=str(cache_root))
     pipeline = build_pipeline(local_image(DEFAULT_IMAGE))
     try:
-        _run_pipeline(pipeline, args)
+        if console is None:
+            _run_pipeline(pipeline, args)
+        else:
+            _run_with_console(pipeline, args, run_root, console)
     finally:
         write_metadata_only_artifacts(run_root)
     return run_root
+
+
+def _run_with_console(pipeline, args: argparse.Namespace, run_root: Path, console: TextIO) -> None:
+    log_path = run_root / LOG_FILE
+    verbose = getattr(args, "verbose", False)
+    view = StepView(io.StringIO() if verbose else console, uncached=UNCACHED, caching=args.cache)
+    if not verbose:
+        console.write(f"kiln run: steps' logs in {log_path} (-v streams them)\n")
+    failure = None
+    with capture(log_path, view.feed, echo=console if verbose else None):
+        try:
+            _run_pipeline(pipeline, args)
+        except RuntimeError as e:  # kfp.local's "Pipeline ... finished with status FAILURE"
+            failure = e
+        finally:
+            view.close()
+    if failure is not None:
+        step, error = next(iter(view.failed.items()), ("?", None))
+        hint = STEP_HINTS.get(step, "")
+        raise StepFailedError(step, (error or str(failure)) + (f"; {hint}" if hint else ""), str(log_path)) from failure
 
 
 def write_metadata_only_artifacts(run_root: Path) -> list[Path]:
@@ -146,32 +192,77 @@ def summarize(run_root: Path) -> dict:
     }
 
 
-def main(argv: list[str], repo_root: Path) -> int:
-    args = parse_args(argv, repo_root)
-    run_root = run(args)
-    summary = summarize(run_root)
-    print("\n== kiln run ==")
-    print(f"artifacts:           {summary['run']}")
-    print(f"validation report:   {summary['validation_report']}")
-    print(f"drift report:        {summary['drift_report']}")
-    print(f"quarantine list:     {summary['quarantine']}")
-    print(f"training curves:     {summary['training_curves']}")
-    print(f"ONNX model:          {summary['onnx_model']}")
-    print(f"int8/fp16 variants:  {summary['variants']}")
-    print(f"evaluation report:   {summary['evaluation_report']}")
-    print(f"verdict:             {summary['verdict']}")
-    for name in ("accuracy", "precision_macro", "recall_macro", "f1_macro"):
-        if name in summary["test_metrics"]:
-            print(f"{'test ' + name + ':':<20} {summary['test_metrics'][name]:.4f}")
-    print(f"steps run:           {', '.join(summary['ran'])} (the others: from cache)")
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse, before anything runs, parameter values no step can use and data that is
+    not what the user thinks: a revision that does not exist, or a workspace whose
+    ``data/`` differs from ``data.dvc`` (unless ``--allow-dirty``)."""
+    if args.epochs < 1:
+        raise UsageError(f"--epochs must be at least 1, got {args.epochs}")
+    for name in ("min_accuracy", "min_macro_recall", "min_class_recall"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be between 0 and 1, got {getattr(args, name)}")
+    if args.champion_tolerance < 0:
+        raise UsageError(f"--champion-tolerance must be at least 0, got {args.champion_tolerance}")
+    if not Path(args.data_repo).is_dir():
+        return  # a git URL: the resolve step reports what is wrong with it
+    from kiln.ingest import IngestError, resolve
+
+    ingest_log = logging.getLogger("kiln.ingest")
+    saved_level = ingest_log.level
+    ingest_log.setLevel(logging.ERROR)  # its "recording as dirty" warning: refused below instead
+    try:
+        resolved = resolve(str(Path(args.data_repo).resolve()), args.data_rev)
+    except IngestError as e:
+        hint = ("pass --data-rev a tag, branch or commit of that repository (`git tag` lists the tags)"
+                if args.data_rev else "run `kiln data bootstrap` or `dvc pull`")
+        raise DataError(f"{e}; {hint}") from e
+    finally:
+        ingest_log.setLevel(saved_level)
+    if "+dirty." in resolved.data_version and not args.allow_dirty:
+        raise DataError(f"data/ in {args.data_repo} differs from data.dvc (changed without `dvc add`): run "
+                        "`dvc add data` to record the change as a new data version, `dvc checkout data` to undo "
+                        "it, or pass --allow-dirty")
+
+
+def print_summary(summary: dict, args: argparse.Namespace, out: TextIO) -> None:
+    """The run's outcome in a few lines; the run report's path, when there is one, last."""
+    def line(label: str, value: object) -> None:
+        out.write(f"{label + ':':<20} {value}\n")
+
+    out.write("\n")
+    line("artifacts", summary["run"])
+    for label, key in (("validation report", "validation_report"), ("drift report", "drift_report"),
+                       ("quarantine list", "quarantine"), ("training curves", "training_curves"),
+                       ("ONNX model", "onnx_model"), ("int8/fp16 variants", "variants"),
+                       ("evaluation report", "evaluation_report"), ("verdict", "verdict")):
+        line(label, summary[key])
+    metrics = summary["test_metrics"]
+    shown = [f"{name} {metrics[name]:.4f}" for name in ("accuracy", "precision_macro", "recall_macro", "f1_macro")
+             if name in metrics]
+    if shown:
+        line("test metrics", ", ".join(shown))
     if summary["deployed_version"] and not summary["version_added"]:
-        print(f"deployed:            nothing new: version {summary['deployed_version']} is the same model "
-              "and is production")
+        line("deployed", f"nothing new: version {summary['deployed_version']} is the same model and is production")
     elif summary["deployed_version"]:
         store = Path(args.model_store) / args.model_name / summary["deployed_version"]
-        print(f"deployed:            version {summary['deployed_version']} is production ({store})")
+        line("deployed", f"version {summary['deployed_version']} is production ({store})")
     else:
-        print("deployed:            nothing (not blessed); the production alias did not move")
+        line("deployed", "nothing (not blessed); the production alias did not move")
+    if summary.get("report"):
+        line("run report", summary["report"])
+    out.flush()
+
+
+def main(argv: list[str], repo_root: Path) -> int:
+    args = parse_args(argv, repo_root)
+    check_args(args)
+    console = console_stream()
+    try:
+        run_root = run(args, console=console)
+        print_summary(summarize(run_root), args, console)
+    finally:
+        if console is not sys.stdout:
+            console.close()
     return 0
 
 

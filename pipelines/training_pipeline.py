@@ -169,8 +169,8 @@ def build_pipeline(image: str = DEFAULT_IMAGE, cluster: ClusterOptions | None = 
         split = c.split(cleaned=clean.outputs["cleaned"]).after(validate, drift)
         train = c.train(train_set=split.outputs["train_set"], val_set=split.outputs["val_set"],
                         model_type=model_type, epochs=epochs, seed=seed, num_gpus=train_gpus)
-        export = c.export(checkpoint=train.outputs["checkpoint"], val_set=split.outputs["val_set"],
-                          test_set=split.outputs["test_set"], data_version=ingest.outputs["data_version"])
+        export = c.export(checkpoint=train.outputs["checkpoint"], train_set=split.outputs["train_set"],
+                          val_set=split.outputs["val_set"], data_version=ingest.outputs["data_version"])
         evaluate = c.evaluate(onnx_model=export.outputs["onnx_model"], test_set=split.outputs["test_set"],
                               min_accuracy=min_accuracy, min_macro_recall=min_macro_recall,
                               min_class_recall=min_class_recall, model_store=model_store, model_name=model_name,

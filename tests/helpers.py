@@ -71,11 +71,13 @@ def mnist_subset(per_class: int, offset: int = 0) -> tuple[np.ndarray, np.ndarra
     return images[idx], labels[idx]
 
 
-def clean_frame(images: np.ndarray, labels: np.ndarray, prefix: str = "") -> pd.DataFrame:
-    """A clean table (id, label, pixels, sha256) for the given arrays."""
-    pixels = [img.astype(np.uint8).tobytes() for img in images]
+def clean_frame(images: np.ndarray, labels: np.ndarray, prefix: str = "", ids: list[str] | None = None) -> pd.DataFrame:
+    """A clean table (see kiln.dataset: id, label int64, pixels as raw row-major uint8
+    bytes, sha256 of those bytes) for the given arrays; ids are ``ids`` or
+    ``prefix`` + a five-digit row number. The one builder every test uses."""
+    pixels = [np.ascontiguousarray(img, dtype=np.uint8).tobytes() for img in images]
     return pd.DataFrame({
-        "id": [f"{prefix}{i:05d}" for i in range(len(images))],
+        "id": pd.Series(ids if ids is not None else [f"{prefix}{i:05d}" for i in range(len(images))], dtype=object),
         "label": np.asarray(labels, dtype=np.int64),
         "pixels": pixels,
         "sha256": [hashlib.sha256(p).hexdigest() for p in pixels],

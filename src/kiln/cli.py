@@ -1,8 +1,10 @@
-"""The ``kiln`` command line: ``kiln data bootstrap|add``, ``kiln run``, ``kiln serve``, and for
-a Kubeflow cluster ``kiln compile | upload | submit | schedule create|list|pause|resume|delete``.
+"""The ``kiln`` command line: ``kiln data bootstrap|add``, ``kiln run``, ``kiln serve``,
+``kiln models list|promote|rollback``, and for a Kubeflow cluster
+``kiln compile | upload | submit | schedule create|list|pause|resume|delete``.
 
 Pipeline commands load ``pipelines/`` from the repository (found from the working
-directory upwards), so this package itself never imports kfp.
+directory upwards), so this package itself never imports kfp. A :class:`kiln.errors.KilnError`
+from any command ends it with one line on stderr and its exit code, never a traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import importlib
 import os
 import sys
 from pathlib import Path
+
+from kiln.errors import ArgumentParser, KilnError
 
 
 def find_repo_root(start: Path | None = None) -> Path:
@@ -161,8 +165,8 @@ def _schedule_change(module, conn, args, root: Path) -> str:
 
 def _kfp_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=os.environ.get("KFP_HOST"), help="KFP API endpoint (env KFP_HOST)")
-    p.add_argument("--namespace", default=os.environ.get("KFP_NAMESPACE", "kubeflow"),
-                   help="Kubeflow profile namespace (env KFP_NAMESPACE; default kubeflow)")
+    p.add_argument("--namespace", default=os.environ.get("KFP_NAMESPACE", "kubeflow-user-example-com"),
+                   help="Kubeflow profile namespace (env KFP_NAMESPACE; default kubeflow-user-example-com, where k8s/ puts the model store)")
     auth = p.add_mutually_exclusive_group()
     auth.add_argument("--token", default=os.environ.get("KFP_TOKEN"),
                       help="bearer token (env KFP_TOKEN); in a pod the service-account token of "
@@ -217,6 +221,88 @@ def _add_kfp_commands(sub) -> None:
         cmd.set_defaults(func=_kfp_call, kfp=_schedule_change, action=action)
 
 
+def _store(args: argparse.Namespace):
+    from kiln.store import ModelStore
+
+    return ModelStore(Path(args.store))
+
+
+def _cmd_models_list(args: argparse.Namespace) -> int:
+    store = _store(args)
+    versions = store.require(args.model)
+    aliases: dict[str, list[str]] = {}
+    for alias_file in sorted(p for p in (store.root / args.model).iterdir() if p.is_file() and p.name.isalpha()):
+        if (version := store.alias(args.model, alias_file.name)) is not None:
+            aliases.setdefault(version, []).append(alias_file.name)
+    rows = [("VERSION", "ALIAS", "ACCURACY", "MACRO F1", "DATA VERSION", "CREATED (UTC)")]
+    for version in reversed(versions):
+        stored = store.get(args.model, version)
+        metrics = stored.meta.get("metrics") or {}
+        rows.append((version, ",".join(aliases.get(version, [])) or "-", _metric(metrics.get("accuracy")),
+                     _metric(metrics.get("f1_macro")), _short_version(stored.meta.get("data_version")),
+                     store.created(stored)[:19].replace("T", " ")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def _short_version(data_version: object) -> str:
+    """A DVC md5 cut to 12 hex digits, keeping a ``+dirty`` mark."""
+    if not isinstance(data_version, str) or not data_version:
+        return "?"
+    md5, _, dirty = data_version.partition("+")
+    return md5[:12] + ("+dirty" if dirty else "")
+
+
+def _metric(value: object) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+
+
+def _move(args: argparse.Namespace, version: str, action: str) -> int:
+    store = _store(args)
+    store.require(args.model)
+    entry = store.set_alias(args.model, version, reason=args.reason, action=action)
+    if entry is None:
+        print(f"{args.model}: version {version} already is production; nothing moved")
+    else:
+        print(f"{args.model}: production {entry['from'] or '(none)'} -> {entry['to']} "
+              f"({action} by {entry['who']} at {entry['when']}); servers polling the store switch on their next poll")
+    return 0
+
+
+def _cmd_models_promote(args: argparse.Namespace) -> int:
+    return _move(args, args.version, "promote")
+
+
+def _cmd_models_rollback(args: argparse.Namespace) -> int:
+    _store(args).require(args.model)
+    return _move(args, _store(args).rollback_target(args.model), "rollback")
+
+
+def _add_models_commands(sub) -> None:
+    models = sub.add_parser("models", help="the model store: versions, promote, roll back").add_subparsers(
+        dest="models_command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--store", default=os.environ.get("KILN_MODEL_STORE", "model_store"),
+                       help="model store root (env KILN_MODEL_STORE; default: model_store)")
+        p.add_argument("--model", default="mnist", help="model name (default: mnist)")
+
+    listing = models.add_parser("list", help="versions, aliases, metrics, data version, creation time")
+    common(listing)
+    listing.set_defaults(func=_cmd_models_list)
+    promote = models.add_parser("promote", help="make a version production (atomic, audited in its model.json)")
+    common(promote)
+    promote.add_argument("version", help="version number (see `kiln models list`)")
+    promote.add_argument("--reason", default="", help="why, for the audit line")
+    promote.set_defaults(func=_cmd_models_promote)
+    rollback = models.add_parser("rollback", help="move production back to the version it replaced")
+    common(rollback)
+    rollback.add_argument("--reason", default="", help="why, for the audit line")
+    rollback.set_defaults(func=_cmd_models_rollback)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from kiln.serving.server import main as serve_main
 
@@ -224,7 +310,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kiln", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="kiln", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="manage the DVC-tracked dataset").add_subparsers(dest="data_command", required=True)
@@ -257,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--train-timeout", type=int, default=6 * 3600, help="seconds before train is stopped")
     comp.set_defaults(func=_cmd_compile)
     _add_kfp_commands(sub)
+    _add_models_commands(sub)
 
     serve = sub.add_parser("serve", help="serve the production model (KServe V2 REST)", add_help=False)
     serve.set_defaults(func=_cmd_serve)
@@ -268,8 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
 _PASSTHROUGH = {"run": "pipeline_args", "serve": "serve_args"}
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+_COMMANDS = {"data", "run", "compile", "upload", "submit", "schedule", "models", "serve"}
+
+
+def _dispatch(argv: list[str]) -> int:
     parser = build_parser()
     if argv and argv[0] in _PASSTHROUGH:
         args = parser.parse_args(argv[:1])
@@ -277,6 +366,18 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     args = parser.parse_args(argv)
     return args.func(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; a :class:`KilnError` becomes ``kiln <command>: <message>`` on
+    stderr and the error's exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _dispatch(argv)
+    except KilnError as e:
+        command = f"kiln {argv[0]}" if argv and argv[0] in _COMMANDS else "kiln"
+        print(f"{command}: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

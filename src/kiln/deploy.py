@@ -4,31 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from kiln import __version__
+from kiln.provenance import git_commit
 from kiln.store import ModelStore, ModelVersion, sha256_file
 
 log = logging.getLogger(__name__)
-
-
-def git_commit(cwd: str | Path | None = None) -> str:
-    """The code version: ``KILN_GIT_COMMIT`` (baked into images) or ``git rev-parse HEAD``.
-
-    Returns "unknown" outside a git checkout rather than failing a deployment over it.
-    """
-    env = os.environ.get("KILN_GIT_COMMIT")
-    if env:
-        return env
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() or "unknown"
 
 
 def onnx_lineage(onnx_path: str | Path) -> dict[str, Any]:
@@ -110,7 +94,7 @@ def deploy_once(onnx_path: str | Path, store_root: str | Path, model_name: str, 
     if existing is not None:
         was_production = store.alias(model_name) == existing.version
         if reference_clean_path is not None and not (existing.path / "stats.parquet").is_file():
-            from kiln.drift import save_reference_statistics
+            from kiln.stats import save_reference_statistics
 
             save_reference_statistics(reference_clean_path, existing.path)
         store.set_alias(model_name, existing.version)
@@ -126,7 +110,7 @@ def deploy_once(onnx_path: str | Path, store_root: str | Path, model_name: str, 
             source = stamp_metrics(onnx_path, Path(tmp) / "model.onnx", lineage["metrics"])
         version = store.add_version(model_name, source, meta, variants=variants)
     if reference_clean_path is not None:
-        from kiln.drift import save_reference_statistics
+        from kiln.stats import save_reference_statistics
 
         save_reference_statistics(reference_clean_path, version.path)
     store.set_alias(model_name, version.version)

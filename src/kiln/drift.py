@@ -31,8 +31,6 @@ reported as a warning only. The labels drift when the p-value < ``chi2_p_value``
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,14 +40,10 @@ import pandas as pd
 
 from kiln.dataset import CLEAN_COLUMNS, read_table
 from kiln.html import render, trusted
-from kiln.stats import image_statistics
+from kiln.stats import (  # noqa: F401 (the reference statistics are part of drift's API too)
+    REFERENCE_COLUMNS, STATS_FILE, image_statistics, reference_statistics, save_reference_statistics,
+)
 from kiln.store import ModelStore
-
-STATS_FILE = "stats.parquet"
-"""Name of the reference statistics file in a model-store version directory."""
-
-REFERENCE_COLUMNS: tuple[str, ...] = ("label", "width", "height", "mean", "std", "min", "max", "ink_fraction")
-"""Columns of ``reference_statistics``'s result, in order."""
 
 LABEL_STATISTIC = "label"
 """Name under which a label-distribution drift is reported among the drifted statistics."""
@@ -152,12 +146,6 @@ class DriftReport:
         return _page(_report_body(self), "DRIFT" if self.drifted else "no drift")
 
 
-def reference_statistics(clean_df: pd.DataFrame) -> pd.DataFrame:
-    """Per-image statistics of a clean table without id/hash columns (REFERENCE_COLUMNS)."""
-    stats = image_statistics(clean_df)
-    return stats[list(REFERENCE_COLUMNS)].reset_index(drop=True)
-
-
 def _numeric(series: pd.Series) -> np.ndarray:
     values = pd.to_numeric(series, errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
     return values[~np.isnan(values)]
@@ -233,24 +221,6 @@ def compare(current_stats: pd.DataFrame, reference_stats: pd.DataFrame, config: 
         config=config,
         skipped=tuple(skipped),
     )
-
-
-def save_reference_statistics(clean_path: str | Path, version_dir: str | Path) -> Path:
-    """Write ``reference_statistics`` of the clean Parquet table at ``clean_path`` to
-    ``version_dir/stats.parquet`` (atomically: temp file + rename) and return its path."""
-    df = read_table(clean_path, CLEAN_COLUMNS)
-    version_dir = Path(version_dir)
-    if not version_dir.is_dir():
-        raise FileNotFoundError(f"no model version directory {version_dir}")
-    fd, tmp = tempfile.mkstemp(prefix=".stats-", suffix=".parquet", dir=version_dir)
-    os.close(fd)
-    try:
-        reference_statistics(df).to_parquet(tmp, index=False)
-        os.replace(tmp, version_dir / STATS_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return version_dir / STATS_FILE
 
 
 # --- HTML --------------------------------------------------------------------------

@@ -85,6 +85,9 @@ class Evaluation:
     roc_auc_ovr_macro: float | None = None
     """One-vs-rest ROC AUC averaged over classes with equal weight; None when it is
     undefined (some class has no test image)."""
+    expected_calibration_error: float = math.nan
+    """How far the confidence of the predicted class is from its accuracy, see
+    :func:`expected_calibration_error` (0: confidences are frequencies)."""
     champion: dict[str, Any] | None = None
     """When a production model was compared: its ``accuracy``, ``n``, the ``tolerance``
     and ``accuracy_delta`` (challenger - champion); None when there was no champion."""
@@ -101,6 +104,7 @@ class Evaluation:
             "recall_weighted": self.recall_weighted,
             "f1_weighted": self.f1_weighted,
             "roc_auc_ovr_macro": self.roc_auc_ovr_macro,
+            "expected_calibration_error": self.expected_calibration_error,
             "per_class_precision": dict(self.per_class_precision),
             "per_class_recall": dict(self.per_class_recall),
             "per_class_f1": dict(self.per_class_f1),
@@ -176,7 +180,7 @@ def evaluate_onnx(
 ) -> Evaluation:
     """Run the ONNX model over the clean table ``test_df`` and score it.
 
-    Metrics are computed by scikit-learn over all ten classes. ``blessed`` is True only
+    Metrics come from :func:`classification_metrics`. ``blessed`` is True only
     if every class has at least one test image (otherwise its recall means nothing)
     and accuracy, macro recall and every per-class recall reach ``thresholds``, and,
     when ``champion_onnx_path`` (the production model) is given, the challenger's
@@ -193,49 +197,19 @@ def evaluate_onnx(
         raise EvaluationError(f"test labels outside [0, {NUM_CLASSES}): {sorted(set(y_true.tolist()))}")
     probabilities, y_pred = predict_onnx(onnx_path, pixels)
 
-    # --- metrics (scikit-learn; all ten classes, absent ones included) ---
-    class_ids = list(range(NUM_CLASSES))
-    accuracy = float(accuracy_score(y_true, y_pred))
-    precision, recall, f1, _ = precision_recall_fscore_support(
-        y_true, y_pred, labels=class_ids, average="macro", zero_division=0
-    )
-    class_precision, class_recall, class_f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=class_ids, average=None, zero_division=0
-    )
-    w_precision, w_recall, w_f1, _ = precision_recall_fscore_support(
-        y_true, y_pred, labels=class_ids, average="weighted", zero_division=0
-    )
-    matrix = confusion_matrix(y_true, y_pred, labels=class_ids)
-
-    # --- blessing: every check is recorded, passing or not ---
-    labels = list(CLASS_LABELS)
-    results = [
-        _check("min_accuracy", "accuracy", accuracy, thresholds.min_accuracy),
-        _check("min_macro_recall", "macro recall", float(recall), thresholds.min_macro_recall),
-    ]
-    missing = [labels[i] for i in class_ids if support[i] == 0]
-    results.append(
-        (not missing, f"FAIL class coverage: no test images for class(es) {missing}")
-        if missing
-        else (True, f"PASS class coverage: all {NUM_CLASSES} classes have test images")
-    )
-    for i in class_ids:
-        if support[i]:
-            results.append(
-                _check("min_class_recall", f"recall of class {labels[i]}", float(class_recall[i]), thresholds.min_class_recall)
-            )
-
+    metrics = classification_metrics(y_true, y_pred, probabilities)
+    results = _threshold_checks(metrics, thresholds)
     champion = None
     if champion_onnx_path is not None:
         _, champion_pred = predict_onnx(champion_onnx_path, pixels)
         champion_accuracy = float(accuracy_score(y_true, champion_pred))
-        results.append(champion_check(accuracy, champion_accuracy, float(tolerance)))
+        results.append(champion_check(metrics["accuracy"], champion_accuracy, float(tolerance)))
         champion = {
             "onnx_path": str(champion_onnx_path),
             "accuracy": champion_accuracy,
             "n": len(y_true),
             "tolerance": float(tolerance),
-            "accuracy_delta": accuracy - champion_accuracy,
+            "accuracy_delta": metrics["accuracy"] - champion_accuracy,
         }
 
     predictions = pd.DataFrame(
@@ -248,35 +222,95 @@ def evaluate_onnx(
     )
     return Evaluation(
         n=len(y_true),
-        accuracy=accuracy,
-        precision_macro=float(precision),
-        recall_macro=float(recall),
-        f1_macro=float(f1),
-        per_class_recall={labels[i]: float(class_recall[i]) for i in class_ids},
-        support={labels[i]: int(support[i]) for i in class_ids},
-        confusion_matrix=matrix.astype(int).tolist(),
-        labels=labels,
+        labels=list(CLASS_LABELS),
         predictions=predictions,
         blessed=all(ok for ok, _ in results),
         reasons=[reason for _, reason in results],
         thresholds=thresholds,
-        per_class_precision={labels[i]: float(class_precision[i]) for i in class_ids},
-        per_class_f1={labels[i]: float(class_f1[i]) for i in class_ids},
-        precision_weighted=float(w_precision),
-        recall_weighted=float(w_recall),
-        f1_weighted=float(w_f1),
-        roc_auc_ovr_macro=_roc_auc(y_true, probabilities),
         champion=champion,
+        **metrics,
     )
+
+
+ECE_BINS = 15
+"""Equal-width confidence bins of :func:`expected_calibration_error` (the usual 15)."""
+
+
+def expected_calibration_error(y_true: np.ndarray, y_pred: np.ndarray, confidence: np.ndarray,
+                               bins: int = ECE_BINS) -> float:
+    """Expected calibration error (Guo et al., 2017): images are put in ``bins``
+    equal-width bins (lo, hi] by the confidence of their predicted class, and
+    ``ECE = sum_b |B_b| / N * |accuracy(B_b) - mean confidence(B_b)|``. 0 when every
+    confidence is the frequency with which such predictions are right. scikit-learn
+    has no multi-class ECE (``calibration_curve`` is binary), hence these few lines."""
+    if len(y_true) == 0:
+        return math.nan
+    confidence = np.asarray(confidence, dtype=np.float64)
+    which = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)  # (lo, hi]; 0 goes to bin 0
+    correct = (np.asarray(y_pred) == np.asarray(y_true)).astype(np.float64)
+    gap = np.bincount(which, weights=correct, minlength=bins) - np.bincount(which, weights=confidence, minlength=bins)
+    return float(np.abs(gap).sum() / len(y_true))
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
+    """Every metric field of :class:`Evaluation`, computed over all ten classes (absent
+    ones included, scoring 0 where undefined) by scikit-learn, plus ECE. ``labels``
+    of the per-class dicts are ``contract.CLASS_LABELS``."""
+    class_ids, labels = list(range(NUM_CLASSES)), list(CLASS_LABELS)
+
+    def prf(average: str | None) -> tuple:
+        return precision_recall_fscore_support(y_true, y_pred, labels=class_ids, average=average, zero_division=0)
+
+    (precision, recall, f1, _), (c_precision, c_recall, c_f1, support) = prf("macro"), prf(None)
+    w_precision, w_recall, w_f1, _ = prf("weighted")
+    confidence = probabilities[np.arange(len(y_pred)), y_pred]
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "precision_macro": float(precision),
+        "recall_macro": float(recall),
+        "f1_macro": float(f1),
+        "per_class_recall": {labels[i]: float(c_recall[i]) for i in class_ids},
+        "support": {labels[i]: int(support[i]) for i in class_ids},
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=class_ids).astype(int).tolist(),
+        "per_class_precision": {labels[i]: float(c_precision[i]) for i in class_ids},
+        "per_class_f1": {labels[i]: float(c_f1[i]) for i in class_ids},
+        "precision_weighted": float(w_precision),
+        "recall_weighted": float(w_recall),
+        "f1_weighted": float(w_f1),
+        "roc_auc_ovr_macro": _roc_auc(y_true, probabilities),
+        "expected_calibration_error": expected_calibration_error(y_true, y_pred, confidence),
+    }
+
+
+def _threshold_checks(metrics: Mapping[str, Any], thresholds: Thresholds) -> list[tuple[bool, str]]:
+    """Every threshold check, passing or not: accuracy, macro recall, class coverage and
+    the recall of each class that has test images."""
+    results = [
+        _check("min_accuracy", "accuracy", metrics["accuracy"], thresholds.min_accuracy),
+        _check("min_macro_recall", "macro recall", metrics["recall_macro"], thresholds.min_macro_recall),
+    ]
+    missing = [label for label, n in metrics["support"].items() if n == 0]
+    results.append(
+        (False, f"FAIL class coverage: no test images for class(es) {missing}")
+        if missing
+        else (True, f"PASS class coverage: all {NUM_CLASSES} classes have test images")
+    )
+    for label, recall in metrics["per_class_recall"].items():
+        if metrics["support"][label]:
+            results.append(_check("min_class_recall", f"recall of class {label}", recall, thresholds.min_class_recall))
+    return results
 
 
 __all__ = [
     "DEFAULT_CHAMPION_TOLERANCE",
+    "ECE_BINS",
     "Evaluation",
     "EvaluationError",
     "Thresholds",
     "champion_check",
+    "classification_metrics",
     "evaluate_onnx",
+    "expected_calibration_error",
     "onnx_providers",
     "predict_onnx",
     "production_onnx_path",
@@ -294,6 +328,7 @@ SCALAR_METRICS = (
     "precision_weighted",
     "recall_weighted",
     "f1_weighted",
+    "expected_calibration_error",
 )
 
 

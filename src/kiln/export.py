@@ -1,6 +1,6 @@
 """Export a training checkpoint to one self-contained ONNX file, and prove it matches.
 
-The exported graph is :class:`kiln.train.ServingModel`: uint8 ``pixels`` [N, 28, 28]
+The exported graph is :class:`kiln.models.ServingModel`: uint8 ``pixels`` [N, 28, 28]
 in, ``probabilities`` float32 [N, 10] and ``label`` int64 [N] out, opset
 ``contract.ONNX_OPSET``, with a dynamic batch dimension (see :mod:`kiln.contract`).
 
@@ -9,6 +9,11 @@ An export is only written under its final name after it has passed
 against the contract, and a parity check: ONNX Runtime on CPU and PyTorch must agree
 on every validation image (probabilities within ``atol``, identical labels) at batch
 sizes 1, 7 and 1024 as well as over the whole table.
+
+Data roles: the parity gate and the choice of int8/fp16 variants (built in
+:mod:`kiln.variants`) run on the validation split (int8 calibration on training images);
+the test split is left to the final evaluation, so the figures reported there are not
+the ones variants were picked on.
 """
 
 from __future__ import annotations
@@ -137,49 +142,26 @@ def check_parity(
     number of disagreeing labels. Also raises :class:`ExportError` if the outputs'
     dtypes or shapes are not the contract's.
     """
-    from kiln.runtime import ContractError, SessionError, SessionSettings, create_session, run_contract
-    from kiln.train import ServingModel, load_checkpoint
+    from kiln.checkpoint import load_checkpoint
+    from kiln.models import ServingModel
 
     if len(val_df) == 0:
         raise ValueError("parity check needs at least one validation image")
     pixels, _ = to_arrays(val_df)
     _, net = load_checkpoint(checkpoint_path)
     serving = ServingModel(net).eval()
-    # The server's session settings on the CPU provider: parity is defined against CPU so
-    # the gate does not depend on which machine runs the export.
-    try:
-        session = create_session(Path(onnx_path), SessionSettings(device="cpu"))
-    except SessionError as e:
-        raise ExportError(str(e)) from e
-    imports = onnx.load(str(onnx_path), load_external_data=False).opset_import
-    opset = next((o.version for o in imports if o.domain in ("", "ai.onnx")), 0)
-
-    def run_both(batch: np.ndarray) -> tuple[float, int]:
-        try:
-            onnx_p, onnx_l = run_contract(session, batch)
-        except ContractError as e:
-            raise ExportError(str(e)) from e
-        n = len(batch)
-        torch_p, torch_l = _torch_proba(serving, batch)
-        diff = float(np.max(np.abs(onnx_p.astype(np.float64) - torch_p))) if n else 0.0
-        if not np.isfinite(diff):  # NaN must fail the gate; Python's max() below would drop it
-            diff = float("inf")
-        return diff, int(np.sum(onnx_l != torch_l))
-
+    session = _cpu_session(onnx_path)
     # The whole table, in chunks: this is what n_label_disagreements counts.
-    max_diff, disagreements = 0.0, 0
-    for start in range(0, len(pixels), 1024):
-        diff, bad = run_both(pixels[start : start + 1024])
-        max_diff, disagreements = max(max_diff, diff), disagreements + bad
+    chunks = [pixels[start : start + 1024] for start in range(0, len(pixels), 1024)]
+    max_diff, disagreements = _compare_batches(session, serving, chunks)
     # Then the dynamic batch dimension: np.resize repeats images to fill the batch.
-    batch_bad = 0
-    for size in batch_sizes:
-        diff, bad = run_both(np.resize(pixels, (size, IMAGE_SIZE, IMAGE_SIZE)))
-        max_diff, batch_bad = max(max_diff, diff), batch_bad + bad
+    resized = [np.resize(pixels, (size, IMAGE_SIZE, IMAGE_SIZE)) for size in batch_sizes]
+    batch_diff, batch_bad = _compare_batches(session, serving, resized)
+    max_diff = max(max_diff, batch_diff)
 
     n = len(pixels)
     report = ExportReport(
-        opset=opset,
+        opset=_default_opset(onnx_path),
         max_abs_diff=max_diff,
         label_agreement=1.0 - disagreements / n,
         n_checked=n,
@@ -195,6 +177,48 @@ def check_parity(
             + (f" (and {batch_bad} in the batch-size runs {tuple(batch_sizes)})" if batch_bad else "")
         )
     return report
+
+
+def _cpu_session(onnx_path: str | Path):
+    """The server's session settings on the CPU provider: parity is defined against CPU
+    so the gate does not depend on which machine runs the export."""
+    from kiln.runtime import SessionError, SessionSettings, create_session
+
+    try:
+        return create_session(Path(onnx_path), SessionSettings(device="cpu"))
+    except SessionError as e:
+        raise ExportError(str(e)) from e
+
+
+def _default_opset(onnx_path: str | Path) -> int:
+    """The default-domain opset the file imports (0 if none)."""
+    imports = onnx.load(str(onnx_path), load_external_data=False).opset_import
+    return next((o.version for o in imports if o.domain in ("", "ai.onnx")), 0)
+
+
+def _compare_batches(session, serving, batches: Sequence[np.ndarray]) -> tuple[float, int]:
+    """Max |probability difference| and number of disagreeing labels between ONNX
+    Runtime and PyTorch over ``batches``."""
+    max_diff, disagreements = 0.0, 0
+    for batch in batches:
+        diff, bad = _compare(session, serving, batch)
+        max_diff, disagreements = max(max_diff, diff), disagreements + bad
+    return max_diff, disagreements
+
+
+def _compare(session, serving, batch: np.ndarray) -> tuple[float, int]:
+    """One batch through both runtimes: (max |probability difference|, label disagreements)."""
+    from kiln.runtime import ContractError, run_contract
+
+    try:
+        onnx_p, onnx_l = run_contract(session, batch)
+    except ContractError as e:
+        raise ExportError(str(e)) from e
+    torch_p, torch_l = _torch_proba(serving, batch)
+    diff = float(np.max(np.abs(onnx_p.astype(np.float64) - torch_p))) if len(batch) else 0.0
+    if not np.isfinite(diff):  # NaN must fail the gate; Python's max() would drop it
+        diff = float("inf")
+    return diff, int(np.sum(onnx_l != torch_l))
 
 
 def _export_proto(serving) -> onnx.ModelProto:
@@ -236,22 +260,23 @@ def export_onnx(
     metadata: Mapping[str, str],
     atol: float = 1e-4,
 ) -> ExportReport:
-    """Export the checkpoint's :class:`~kiln.train.ServingModel` to ``onnx_path``.
+    """Export the checkpoint's :class:`~kiln.models.ServingModel` to ``onnx_path``.
 
     ``metadata`` (e.g. ``data_version``) is written to the model's ``metadata_props``
-    beside ``kiln_version``, ``git_commit`` (:func:`kiln.deploy.git_commit` unless
+    beside ``kiln_version``, ``git_commit`` (:func:`kiln.provenance.git_commit` unless
     ``metadata`` names one), ``train_config`` (JSON), ``train_metrics`` (JSON: the best
     epoch's validation loss and accuracy), ``class_labels`` (JSON list), ``onnx_opset``
     and ``contract``; its keys must be strings that are not in :data:`RESERVED_METADATA`
-    and its values strings. ``val_df`` is the table the parity gate runs over (the
-    export step passes the test split).
+    and its values strings. ``val_df`` is the table the parity gate runs over: the
+    validation split (the test split stays untouched until final evaluation).
 
     The file is written under a temporary name and renamed to ``onnx_path`` only after
     ``onnx.checker`` (full), the contract check and :func:`check_parity` pass; on any
     failure nothing is left at ``onnx_path`` and :class:`ExportError` or
     :class:`ExportParityError` is raised.
     """
-    from kiln.train import ServingModel, load_checkpoint
+    from kiln.checkpoint import load_checkpoint, read_checkpoint
+    from kiln.models import ServingModel
 
     onnx_path = Path(onnx_path)
     clash = sorted(set(metadata) & set(RESERVED_METADATA))
@@ -261,41 +286,14 @@ def export_onnx(
     if bad:
         raise ValueError(f"metadata must map str to str; offending entries (value types): {bad}")
 
-    from kiln.deploy import git_commit
-    from kiln.train import read_checkpoint
-
     config, net = load_checkpoint(checkpoint_path)
     proto = _export_proto(ServingModel(net).eval())
-    ckpt = read_checkpoint(checkpoint_path)
-    best = next((row for row in ckpt.get("history", []) if row.get("epoch") == ckpt.get("best_epoch")), {})
-    train_metrics = {"best_epoch": ckpt.get("best_epoch"),
-                     **{k: best[k] for k in ("val_loss", "val_accuracy") if k in best}}
-
-    # Metadata travels inside the file, so a model found on disk explains itself.
-    props = {
-        "kiln_version": kiln.__version__,
-        "git_commit": git_commit(),
-        "train_config": json.dumps(config.to_dict(), sort_keys=True),
-        "train_metrics": json.dumps(train_metrics, sort_keys=True),
-        "class_labels": json.dumps(list(CLASS_LABELS)),
-        "onnx_opset": str(ONNX_OPSET),
-        "contract": f"{INPUT_NAME}: uint8[N,{IMAGE_SIZE},{IMAGE_SIZE}] -> "
-        f"{PROBABILITIES_NAME}: float32[N,{NUM_CLASSES}], {LABEL_NAME}: int64[N]",
-        **dict(metadata),
-    }
+    props = _lineage(config, read_checkpoint(checkpoint_path), metadata)
     del proto.metadata_props[:]
     for key, value in props.items():
         proto.metadata_props.add(key=key, value=value)
     proto.doc_string = "kiln digit classifier; " + props["contract"]
-
-    try:
-        # full_check runs strict shape inference too; infer_shapes(strict) makes sure
-        # every intermediate value gets a type, which some runtimes rely on.
-        onnx.checker.check_model(proto, full_check=True)
-        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise ExportError(f"exported graph fails onnx.checker: {e}") from e
-    check_onnx_contract(proto)
+    _check_graph(proto)
 
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{onnx_path.name}.", suffix=".onnx", dir=onnx_path.parent)
@@ -308,6 +306,39 @@ def export_onnx(
     finally:
         tmp.unlink(missing_ok=True)
     return report
+
+
+def _lineage(config: Mapping[str, Any], ckpt: Mapping[str, Any], metadata: Mapping[str, str]) -> dict[str, str]:
+    """The ``metadata_props`` of an export: metadata travels inside the file, so a model
+    found on disk explains itself (code, data, training config and metrics, labels)."""
+    from kiln.provenance import git_commit
+
+    best = next((row for row in ckpt.get("history", []) if row.get("epoch") == ckpt.get("best_epoch")), {})
+    train_metrics = {"best_epoch": ckpt.get("best_epoch"),
+                     **{k: best[k] for k in ("val_loss", "val_accuracy") if k in best}}
+    return {
+        "kiln_version": kiln.__version__,
+        "git_commit": git_commit(),
+        "train_config": json.dumps(dict(config), sort_keys=True),
+        "train_metrics": json.dumps(train_metrics, sort_keys=True),
+        "class_labels": json.dumps(list(CLASS_LABELS)),
+        "onnx_opset": str(ONNX_OPSET),
+        "contract": f"{INPUT_NAME}: uint8[N,{IMAGE_SIZE},{IMAGE_SIZE}] -> "
+        f"{PROBABILITIES_NAME}: float32[N,{NUM_CLASSES}], {LABEL_NAME}: int64[N]",
+        **dict(metadata),
+    }
+
+
+def _check_graph(proto: onnx.ModelProto) -> None:
+    """onnx.checker (full) and strict shape inference, then the contract; ExportError otherwise."""
+    try:
+        # full_check runs strict shape inference too; infer_shapes(strict) makes sure
+        # every intermediate value gets a type, which some runtimes rely on.
+        onnx.checker.check_model(proto, full_check=True)
+        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ExportError(f"exported graph fails onnx.checker: {e}") from e
+    check_onnx_contract(proto)
 
 
 def read_metadata(onnx_path: str | Path) -> dict[str, str]:
@@ -334,172 +365,25 @@ __all__ = [
 ]
 
 
-def run_export(checkpoint_path: str | Path, onnx_path: str | Path, parity_path: str | Path,
+def run_export(checkpoint_path: str | Path, onnx_path: str | Path, val_path: str | Path,
                metadata: Mapping[str, str]) -> ExportReport:
-    """File-level entry point of the export step: checkpoint + the table of the parity
-    gate (the test split in the pipeline) -> checked ONNX file."""
-    return export_onnx(checkpoint_path, onnx_path, read_table(parity_path, CLEAN_COLUMNS), metadata)
+    """File-level entry point of the export step: checkpoint + the validation split (the
+    parity gate's table) -> checked ONNX file."""
+    return export_onnx(checkpoint_path, onnx_path, read_table(val_path, CLEAN_COLUMNS), metadata)
 
 
-# --------------------------------------------------------------------------- variants
-
-MAX_VARIANT_ACCURACY_DROP = 0.003
-"""A variant ships only if its accuracy is at most this much (a fraction: 0.3 points)
-below the fp32 model's on the same table."""
-
-VARIANTS = ("int8", "fp16", "int8_dynamic")
-"""Variants :func:`export_variants` can build: ``int8`` (static QDQ quantisation,
-calibrated), ``fp16`` and ``int8_dynamic`` (dynamic quantisation: accurate, but ONNX
-Runtime's ConvInteger kernel is about 10x slower than fp32 on CPU, see bench/)."""
-
-DEFAULT_VARIANTS = ("int8", "fp16")
-
-CALIBRATION_IMAGES = 256
-"""Images used to calibrate the static int8 activation ranges."""
+# The variants (int8 / fp16) are built in kiln.variants, which imports this module; they
+# are re-exported here lazily (PEP 562) so callers keep importing them from kiln.export
+# without an import cycle, whichever of the two modules is imported first.
+_VARIANT_NAMES = frozenset(
+    {"export_variants", "run_export_variants", "MAX_VARIANT_ACCURACY_DROP", "DEFAULT_VARIANTS", "VARIANTS",
+     "CALIBRATION_IMAGES"}
+)
 
 
-def _quantize(src: Path, dst: Path, run) -> None:
-    """Run an onnxruntime quantiser ``run(src, dst)`` on a copy of ``src`` without
-    value_info. The exporter records value_info for the weights too; the quantiser
-    rewrites those initializers (e.g. transposes Gemm weights) and then trips over the
-    stale shapes in strict shape inference; it re-infers them itself."""
-    proto = onnx.load(str(src))
-    del proto.graph.value_info[:]
-    stripped = dst.with_name(dst.name + ".noinfo.onnx")
-    onnx.save_model(proto, str(stripped))
-    root = logging.getLogger()
-    was = root.disabled
-    root.disabled = True  # the quantiser's "consider pre-processing" warning goes to the root logger
-    try:
-        run(stripped, dst)
-    finally:
-        root.disabled = was
-        stripped.unlink(missing_ok=True)
+def __getattr__(name: str) -> Any:
+    if name in _VARIANT_NAMES:
+        from kiln import variants
 
-
-def _quantize_int8_dynamic(src: Path, dst: Path, calibration: np.ndarray) -> str:
-    """Dynamic int8 quantisation (weights int8, activations quantised per batch at run
-    time); Conv becomes ConvInteger, Gemm/MatMul become MatMulInteger."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    _quantize(src, dst, lambda a, b: quantize_dynamic(str(a), str(b), weight_type=QuantType.QInt8))
-    return "onnxruntime.quantization.quantize_dynamic(weight_type=QInt8)"
-
-
-def _quantize_int8_static(src: Path, dst: Path, calibration: np.ndarray) -> str:
-    """Static int8 quantisation in QDQ form: per-channel int8 weights, uint8 activations
-    whose ranges are calibrated (min/max) on ``calibration`` pixels. ONNX Runtime fuses
-    the QDQ pairs into QLinearConv / QGemm kernels at load time."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._batches = iter([{INPUT_NAME: calibration[i : i + 64]} for i in range(0, len(calibration), 64)])
-
-        def get_next(self):
-            return next(self._batches, None)
-
-    _quantize(src, dst, lambda a, b: quantize_static(
-        str(a), str(b), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-    ))
-    return ("onnxruntime.quantization.quantize_static(QDQ, per-channel QInt8 weights, QUInt8 activations, "
-            f"MinMax calibration on {len(calibration)} images)")
-
-
-def _convert_fp16(src: Path, dst: Path, calibration: np.ndarray) -> str:
-    """Weights and activations in float16, inputs/outputs kept as the contract's types.
-    Uses the float16 converter that ships inside onnxruntime (a copy of
-    onnxconverter-common's), so no extra dependency is needed."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16  # ImportError if absent
-
-    proto = onnx.load(str(src))
-    converted = convert_float_to_float16(proto, keep_io_types=True)
-    onnx.save_model(converted, str(dst))
-    return "onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)"
-
-
-def export_variants(
-    onnx_path: str | Path,
-    out_dir: str | Path,
-    eval_df: pd.DataFrame,
-    max_drop: float = MAX_VARIANT_ACCURACY_DROP,
-    variants: Sequence[str] = DEFAULT_VARIANTS,
-    calibration_df: pd.DataFrame | None = None,
-) -> dict[str, Any]:
-    """Build reduced-precision variants of the exported model in ``out_dir`` and score
-    each against the fp32 model on the clean table ``eval_df``. Static int8 is calibrated
-    on the first :data:`CALIBRATION_IMAGES` images of ``calibration_df`` (default:
-    ``eval_df``; pass another table to keep calibration and scoring apart).
-
-    Returns a JSON-safe dict (also written to ``out_dir/variants.json``)::
-
-        {"baseline": {"path", "accuracy", "bytes"}, "n": int, "max_drop": float,
-         "variants": {"int8": {"path", "method", "accuracy", "accuracy_drop",
-                               "label_agreement", "bytes", "ships", "reason"}, ...}}
-
-    ``accuracy_drop`` is baseline accuracy - variant accuracy (a fraction). A variant
-    ships only if it loads, keeps the contract and its drop is <= ``max_drop``; a variant
-    that does not ship has its file removed and says why in ``reason``. A variant whose
-    converter is unavailable is recorded with ``ships: False`` and the reason.
-    """
-    from kiln.runtime import ContractError, SessionError, predict
-
-    onnx_path, out_dir = Path(onnx_path), Path(out_dir)
-    unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown:
-        raise ValueError(f"unknown variant(s) {unknown}; known: {list(VARIANTS)}")
-    if len(eval_df) == 0:
-        raise ValueError("variants need at least one evaluation image")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pixels, labels = to_arrays(eval_df)
-    _, base_pred = predict(onnx_path, pixels)
-    base_acc = float(np.mean(base_pred == labels))
-    calibration_pixels = to_arrays(eval_df if calibration_df is None else calibration_df)[0][:CALIBRATION_IMAGES]
-    builders = {"int8": _quantize_int8_static, "fp16": _convert_fp16, "int8_dynamic": _quantize_int8_dynamic}
-    results: dict[str, dict[str, Any]] = {}
-    for name in variants:
-        dst = out_dir / f"{onnx_path.stem}.{name}.onnx"
-        entry: dict[str, Any] = {"path": None, "method": None, "accuracy": None, "accuracy_drop": None,
-                                 "label_agreement": None, "bytes": None, "ships": False}
-        try:
-            entry["method"] = builders[name](onnx_path, dst, np.ascontiguousarray(calibration_pixels))
-            check_onnx_contract(onnx.load(str(dst)))
-            _, pred = predict(dst, pixels)
-        except ImportError as e:
-            entry["reason"] = f"converter not available: {e}"
-        except (ExportError, SessionError, ContractError, ValueError, RuntimeError) as e:
-            entry["reason"] = f"variant failed: {e}"
-        else:
-            acc = float(np.mean(pred == labels))
-            drop = base_acc - acc
-            ships = drop <= max_drop + 1e-12
-            entry.update(
-                accuracy=acc,
-                accuracy_drop=drop,
-                label_agreement=float(np.mean(pred == base_pred)),
-                bytes=dst.stat().st_size,
-                ships=ships,
-                reason=f"accuracy drop {drop * 100:.2f} points {'<=' if ships else '>'} {max_drop * 100:.2f}",
-            )
-            if ships:
-                entry["path"] = str(dst)
-        if not entry["ships"]:
-            dst.unlink(missing_ok=True)
-        results[name] = entry
-    report = {
-        "baseline": {"path": str(onnx_path), "accuracy": base_acc, "bytes": onnx_path.stat().st_size},
-        "n": len(labels),
-        "max_drop": max_drop,
-        "variants": results,
-    }
-    (out_dir / "variants.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    return report
-
-
-def run_export_variants(onnx_path: str | Path, out_dir: str | Path, eval_path: str | Path,
-                        calibration_path: str | Path | None = None) -> dict[str, Any]:
-    """File-level entry point: exported model + clean table(s) -> ``out_dir`` of variants,
-    scored on ``eval_path``, int8 calibrated on ``calibration_path`` (default: the same)."""
-    calibration = None if calibration_path is None else read_table(calibration_path, CLEAN_COLUMNS)
-    return export_variants(onnx_path, out_dir, read_table(eval_path, CLEAN_COLUMNS), calibration_df=calibration)
+        return getattr(variants, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

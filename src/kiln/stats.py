@@ -4,15 +4,24 @@ Data validation runs on these statistics rather than on the pixels: one narrow r
 image (a dozen columns) instead of 784 pixel columns keeps Great Expectations fast
 (hundreds of times fewer metric computations), while still seeing every property the
 suite checks: shape, brightness, contrast, amount of ink and identity of the content.
+
+The drift reference (:func:`reference_statistics`, stored with each deployed model by
+:func:`save_reference_statistics`) is the same table without ids and hashes; it lives
+here because deploy writes it and drift reads it, and neither stage imports the other.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from kiln.dataset import CLEAN_COLUMNS, read_table
 
 INK_THRESHOLD = 127
 """A pixel counts as ink when its value is strictly greater than this (i.e. >= 128).
@@ -148,3 +157,36 @@ def image_statistics(df: pd.DataFrame) -> pd.DataFrame:
         },
         columns=list(STAT_COLUMNS),
     )
+
+
+# --------------------------------------------------------------------------- drift reference
+
+STATS_FILE = "stats.parquet"
+"""Name of the reference statistics file in a model-store version directory."""
+
+REFERENCE_COLUMNS: tuple[str, ...] = ("label", "width", "height", "mean", "std", "min", "max", "ink_fraction")
+"""Columns of ``reference_statistics``'s result, in order."""
+
+
+def reference_statistics(clean_df: pd.DataFrame) -> pd.DataFrame:
+    """Per-image statistics of a clean table without id/hash columns (REFERENCE_COLUMNS)."""
+    stats = image_statistics(clean_df)
+    return stats[list(REFERENCE_COLUMNS)].reset_index(drop=True)
+
+
+def save_reference_statistics(clean_path: str | Path, version_dir: str | Path) -> Path:
+    """Write ``reference_statistics`` of the clean Parquet table at ``clean_path`` to
+    ``version_dir/stats.parquet`` (atomically: temp file + rename) and return its path."""
+    df = read_table(clean_path, CLEAN_COLUMNS)
+    version_dir = Path(version_dir)
+    if not version_dir.is_dir():
+        raise FileNotFoundError(f"no model version directory {version_dir}")
+    fd, tmp = tempfile.mkstemp(prefix=".stats-", suffix=".parquet", dir=version_dir)
+    os.close(fd)
+    try:
+        reference_statistics(df).to_parquet(tmp, index=False)
+        os.replace(tmp, version_dir / STATS_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return version_dir / STATS_FILE

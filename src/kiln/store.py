@@ -20,21 +20,33 @@ The store is also a Triton model repository: ``config.pbtxt`` describes the ONNX
 contract and its ``version_policy`` names the production version only; it is rewritten
 (atomically) whenever the ``production`` alias moves, so a Triton server polling the
 repository (``--model-control-mode=poll``) serves what the alias says.
+
+Every move of an alias is audited: the version it now points at gets a line (who,
+when, from, to, why) appended under ``audit`` in its ``model.json``;
+:meth:`ModelStore.history` collects them and :meth:`ModelStore.rollback_target` follows
+them back. Moves are serialized by a lock on the model's folder, so two concurrent
+promotions cannot interleave their alias and audit writes.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import fcntl
+import getpass
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kiln.contract import IMAGE_SIZE, INPUT_NAME, LABEL_NAME, NUM_CLASSES, PROBABILITIES_NAME
+from kiln.errors import KilnError, StoreMissingError
 
 MODEL_FILE = "model.onnx"
 META_FILE = "model.json"
@@ -45,8 +57,24 @@ DIR_MODE = 0o755
 FILE_MODE = 0o644
 
 
-class StoreError(RuntimeError):
+class StoreError(KilnError, RuntimeError):
     """The store is missing, inconsistent, or asked for something that does not exist."""
+
+
+def actor() -> str:
+    """Who is moving an alias: ``KILN_ACTOR`` if set (a CI job, a pipeline run), else
+    user@host."""
+    if os.environ.get("KILN_ACTOR"):
+        return os.environ["KILN_ACTOR"]
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container uid without a passwd entry
+        user = f"uid{os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def sha256_file(path: str | Path) -> str:
@@ -198,7 +226,7 @@ class ModelStore:
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
         try:
             shutil.copyfile(onnx_file, staging / MODEL_FILE)
-            full_meta = {**meta, "model": model, "sha256": sha256_file(staging / MODEL_FILE)}
+            full_meta = {"created": utc_now(), **meta, "model": model, "sha256": sha256_file(staging / MODEL_FILE)}
             if variants:
                 full_meta["variants"] = {}
                 for name, (path, info) in sorted(variants.items()):
@@ -225,8 +253,39 @@ class ModelStore:
             raise
         return self.get(model, version)
 
-    def set_alias(self, model: str, version: str, alias: str = PRODUCTION) -> None:
-        """Point ``alias`` at an existing ``version``, atomically.
+    def require(self, model: str) -> list[str]:
+        """The versions of ``model``; StoreMissingError when the store or the model is absent."""
+        if not self.root.is_dir():
+            raise StoreMissingError(f"no model store at {self.root}: pass the right --store, or run `kiln run` "
+                                    "to train and deploy a first model")
+        versions = self.versions(model)
+        if not versions:
+            known = ", ".join(self.models()) or "none"
+            raise StoreMissingError(f"no model {model!r} in the store {self.root} (models there: {known})")
+        return versions
+
+    def created(self, version: ModelVersion) -> str:
+        """When ``version`` was stored (UTC, ISO 8601): from model.json, else its folder's mtime."""
+        if isinstance(version.meta.get("created"), str):
+            return version.meta["created"]
+        mtime = version.path.stat().st_mtime
+        return dt.datetime.fromtimestamp(mtime, dt.timezone.utc).isoformat(timespec="seconds")
+
+    @contextmanager
+    def _alias_lock(self, model: str) -> Iterator[None]:
+        # The model folder itself is the lock (flock works on a directory's descriptor): no
+        # lock file for Triton or a reader to trip over.
+        fd = os.open(self._model_dir(model), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def set_alias(self, model: str, version: str, alias: str = PRODUCTION, reason: str = "",
+                  who: str | None = None, action: str = "set") -> dict[str, Any] | None:
+        """Point ``alias`` at an existing ``version``, atomically; return the audit entry
+        appended to that version's model.json (None when the alias already pointed there).
 
         The version's files are made readable to all first (files added beside the model
         after :meth:`add_version`, like deploy's ``stats.parquet``, included). Moving
@@ -235,6 +294,45 @@ class ModelStore:
         target = self.get(model, version)  # refuse to point at something that is not there
         make_readable(target.path)
         model_dir = self._model_dir(model)
-        write_atomically(model_dir / alias, f"{version}\n")
-        if alias == PRODUCTION:
-            write_atomically(model_dir / TRITON_CONFIG, triton_config(model, version))
+        with self._alias_lock(model):
+            previous = self.alias(model, alias)
+            write_atomically(model_dir / alias, f"{version}\n")
+            if alias == PRODUCTION:
+                write_atomically(model_dir / TRITON_CONFIG, triton_config(model, version))
+            if previous == str(version):
+                return None
+            seq = max((int(e.get("seq", 0)) for e in self.history(model, alias)), default=0) + 1
+            entry = {"seq": seq, "action": action, "alias": alias, "from": previous, "to": str(version),
+                     "who": who or actor(), "when": utc_now(), "why": reason}
+            meta = self.get(model, version).meta
+            meta["audit"] = [*meta.get("audit", []), entry]
+            write_atomically(target.path / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            return entry
+
+    def history(self, model: str, alias: str = PRODUCTION) -> list[dict[str, Any]]:
+        """Every audited move of ``alias``, oldest first (``seq`` counts them)."""
+        entries = []
+        for version in self.versions(model):
+            try:
+                audit = self.get(model, version).meta.get("audit", [])
+            except StoreError:
+                continue  # a half-deleted version has no say in the history
+            entries.extend(e for e in audit if isinstance(e, dict) and e.get("alias") == alias)
+        return sorted(entries, key=lambda e: (int(e.get("seq", 0)), str(e.get("when", ""))))
+
+    def rollback_target(self, model: str, alias: str = PRODUCTION) -> str:
+        """The version ``alias`` pointed at before it moved to where it is: the ``from`` of
+        the last audited move onto the current version that was not itself a rollback (so
+        rollbacks walk back through the promotions), else the newest older version."""
+        current = self.alias(model, alias)
+        if current is None:
+            raise StoreError(f"{model!r} has no {alias!r} version to roll back from")
+        for entry in reversed(self.history(model, alias)):
+            if entry.get("action") == "rollback" or entry.get("to") != current:
+                continue
+            if entry.get("from") and entry["from"] in self.versions(model):
+                return str(entry["from"])
+        older = [v for v in self.versions(model) if int(v) < int(current)]
+        if not older:
+            raise StoreError(f"nothing to roll back to: version {current} of {model!r} is the oldest")
+        return older[-1]

@@ -71,7 +71,7 @@ class TrainJobOptions:
     num_nodes: int = 2
     procs_per_node: int = 1
     runtime: str = "torch-distributed"
-    namespace: str = "kubeflow"
+    namespace: str = "kubeflow-user-example-com"
     pvc: str = "kiln-model-store"
     shared_dir: str = "/mnt/models"
     cpu: str | None = None

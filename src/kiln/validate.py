@@ -31,6 +31,7 @@ from kiln.contract import IMAGE_SIZE, NUM_CLASSES
 from kiln.dataset import CLEAN_COLUMNS, DatasetError, read_table
 from kiln.html import compact, render
 from kiln.stats import INK_THRESHOLD, STAT_COLUMNS, image_statistics
+from kiln.validate_text import class_share_text, exception_text, expected_text, jsonable, observed_text
 
 if TYPE_CHECKING:
     from great_expectations.core import ExpectationSuite
@@ -44,9 +45,6 @@ EXAMPLE_COLUMNS = ["id", "label"]
 
 _MAX_EXAMPLES = 20
 """Failing rows (and distinct failing values) GX keeps per expectation."""
-
-_SHOWN_EXAMPLES = 5
-"""Of those, how many the human-readable ``observed`` text lists."""
 
 
 Bounds = tuple[float, float]
@@ -215,8 +213,23 @@ def build_suite(config: ValidationConfig | None = None) -> ExpectationSuite:
     gx = _gx()
     import great_expectations.expectations as gxe
 
-    labels = [int(label) for label in config.labels]
     expectations: list[Any] = [
+        *_integrity_expectations(gxe, config),
+        *_label_expectations(gxe, config),
+        *_image_expectations(gxe, config),
+        *_table_drift_expectations(gxe, config),
+    ]
+    suite = gx.ExpectationSuite(
+        name=SUITE_NAME,
+        expectations=expectations,
+        meta={"kiln_config": json.loads(json.dumps(asdict(config))), "ink_threshold": INK_THRESHOLD},
+    )
+    return suite
+
+
+def _integrity_expectations(gxe: Any, config: ValidationConfig) -> list[Any]:
+    """Enough rows, every statistic present, ids and images unique, digests honest."""
+    return [
         gxe.ExpectTableRowCountToBeBetween(
             min_value=config.min_rows, max_value=None, notes="Enough images to train and evaluate on."
         ),
@@ -234,6 +247,13 @@ def build_suite(config: ValidationConfig | None = None) -> ExpectationSuite:
             ignore_row_if="either_value_is_missing",  # nulls are reported by the not-null checks
             notes="The recorded sha256 must be the digest of the stored pixels.",
         ),
+    ]
+
+
+def _label_expectations(gxe: Any, config: ValidationConfig) -> list[Any]:
+    """Only known labels, all of them present, and every class's share within bounds."""
+    labels = [int(label) for label in config.labels]
+    return [
         gxe.ExpectColumnValuesToBeInSet(column="label", value_set=labels, notes="Only known classes."),
         gxe.ExpectColumnDistinctValuesToContainSet(
             column="label", value_set=labels, notes="Every class is present (an absent class has no share row)."
@@ -244,6 +264,12 @@ def build_suite(config: ValidationConfig | None = None) -> ExpectationSuite:
             max_value=config.max_class_share,
             notes="No class is starved or dominant; each row carries its class's share of the table.",
         ),
+    ]
+
+
+def _image_expectations(gxe: Any, config: ValidationConfig) -> list[Any]:
+    """Per image: the model's input size, and intensity statistics of a real digit."""
+    return [
         gxe.ExpectColumnValuesToBeInSet(column="width", value_set=[config.image_width], notes="Model input size."),
         gxe.ExpectColumnValuesToBeInSet(column="height", value_set=[config.image_height], notes="Model input size."),
         gxe.ExpectColumnValuesToBeBetween(
@@ -264,6 +290,12 @@ def build_suite(config: ValidationConfig | None = None) -> ExpectationSuite:
             max_value=config.ink_fraction_bounds[1],
             notes=f"Share of pixels > {INK_THRESHOLD}: a digit has strokes, but not everywhere.",
         ),
+    ]
+
+
+def _table_drift_expectations(gxe: Any, config: ValidationConfig) -> list[Any]:
+    """Whole-table means, which catch drift that per-image bounds let through."""
+    return [
         gxe.ExpectColumnMeanToBeBetween(
             column="mean",
             min_value=config.dataset_mean_bounds[0],
@@ -277,12 +309,6 @@ def build_suite(config: ValidationConfig | None = None) -> ExpectationSuite:
             notes="Whole-table stroke density: catches drift that per-image bounds let through.",
         ),
     ]
-    suite = gx.ExpectationSuite(
-        name=SUITE_NAME,
-        expectations=expectations,
-        meta={"kiln_config": json.loads(json.dumps(asdict(config))), "ink_threshold": INK_THRESHOLD},
-    )
-    return suite
 
 
 def suite_json(config: ValidationConfig | None = None) -> dict[str, Any]:
@@ -308,102 +334,18 @@ def validation_frame(df_clean: pd.DataFrame) -> pd.DataFrame:
     return stats
 
 
-def _jsonable(value: Any) -> Any:
-    """``value`` with numpy scalars, NA and other non-JSON leaves made JSON-serialisable."""
-
-    def default(obj: Any) -> Any:
-        if hasattr(obj, "item"):  # numpy scalar
-            return obj.item()
-        if obj is pd.NA:
-            return None
-        return str(obj)
-
-    return json.loads(json.dumps(value, default=default))
-
-
+# The page's and the error's texts live in kiln.validate_text; the underscored aliases
+# keep the names this module has always had.
+_jsonable = jsonable
 _fmt = compact  # the one formatter every kiln page and message shares (kiln.html)
-
-
-def _expected_text(expectation_type: str, kwargs: dict[str, Any]) -> str:
-    """Human-readable statement of what ``expectation_type`` with ``kwargs`` requires."""
-    lo, hi = kwargs.get("min_value"), kwargs.get("max_value")
-    if lo is not None and hi is not None:
-        bounds = f"between {_fmt(lo)} and {_fmt(hi)}"
-    elif lo is not None:
-        bounds = f">= {_fmt(lo)}"
-    else:
-        bounds = f"<= {_fmt(hi)}"
-    texts = {
-        "expect_table_row_count_to_be_between": f"row count {bounds}",
-        "expect_column_values_to_be_between": f"every value {bounds}",
-        "expect_column_mean_to_be_between": f"column mean {bounds}",
-        "expect_column_values_to_not_be_null": "no nulls",
-        "expect_column_values_to_be_unique": "all values unique",
-        "expect_column_values_to_be_in_set": f"every value in {_fmt(kwargs.get('value_set'))}",
-        "expect_column_distinct_values_to_contain_set": f"all of {_fmt(kwargs.get('value_set'))} present",
-        "expect_column_pair_values_to_be_equal": f"{kwargs.get('column_A')} == {kwargs.get('column_B')} on every row",
-    }
-    return texts.get(expectation_type, json.dumps(kwargs, sort_keys=True, default=str))
+_expected_text = expected_text
+_observed_text = observed_text
+_exception_text = exception_text
 
 
 def _class_share_text(stats: pd.DataFrame, config: ValidationConfig) -> str:
     """Per-label shares outside the configured bounds (GX's unexpected values, named by label)."""
-    if stats[CLASS_SHARE].isna().all():
-        return "no labelled rows"
-    shares = stats.groupby("label", dropna=True, sort=True)[CLASS_SHARE].first()
-    bad = shares[(shares < config.min_class_share) | (shares > config.max_class_share)]
-    if bad.empty:
-        return f"class shares {shares.min():.4g}..{shares.max():.4g}"
-    counts = (bad * len(stats)).round().astype(int)
-    return "shares out of bounds: " + ", ".join(
-        f"label {_fmt(label)}: {share:.4g} ({count} rows)" for (label, share), count in zip(bad.items(), counts)
-    )
-
-
-def _observed_text(expectation_type: str, result: dict[str, Any], exception: str | None) -> str:
-    """Human-readable summary of GX's ``result`` dict for one expectation."""
-    if exception:
-        return f"error: {exception}"
-    if "unexpected_count" in result:
-        count, total = result["unexpected_count"], result.get("element_count", 0)
-        noun = "null" if expectation_type == "expect_column_values_to_not_be_null" else "unexpected"
-        text = f"{count} of {total} rows {noun}"
-        # Null rows have no value to show; pair values are two digests, too long to help.
-        show_values = noun != "null" and expectation_type != "expect_column_pair_values_to_be_equal"
-        if count and show_values and result.get("partial_unexpected_counts"):
-            values = [
-                f"{_fmt(v.get('value'))} (x{v.get('count')})"
-                for v in result["partial_unexpected_counts"][:_SHOWN_EXAMPLES]
-                if "value" in v
-            ]
-            if values:
-                text += "; values " + ", ".join(values)
-        # Ids are shown whole (unlike values) so they can be looked up.
-        ids = [str(row.get("id")) for row in result.get("partial_unexpected_index_list", [])[:_SHOWN_EXAMPLES]]
-        if count and ids:
-            text += "; e.g. ids " + ", ".join(ids)
-        return text
-    if result.get("partial_missing_list"):
-        return f"missing {_fmt(result['partial_missing_list'])}"
-    observed = result.get("observed_value")
-    if expectation_type == "expect_table_row_count_to_be_between":
-        return f"{_fmt(observed)} rows"
-    if expectation_type == "expect_column_distinct_values_to_contain_set" and observed is None:
-        return "all present"
-    return _fmt(observed)
-
-
-def _exception_text(info: Any) -> str | None:
-    """The exception message GX recorded for an expectation, if it raised."""
-    if not isinstance(info, dict):
-        return None
-    if info.get("raised_exception"):
-        return str(info.get("exception_message") or "exception")
-    # Some expectations report exceptions per metric: {metric_id: {raised_exception: ...}}.
-    for sub in info.values():
-        if isinstance(sub, dict) and sub.get("raised_exception"):
-            return str(sub.get("exception_message") or "exception")
-    return None
+    return class_share_text(stats, CLASS_SHARE, config.min_class_share, config.max_class_share)
 
 
 def validate_table(df_clean: pd.DataFrame, config: ValidationConfig | None = None) -> ValidationReport:
@@ -416,20 +358,45 @@ def validate_table(df_clean: pd.DataFrame, config: ValidationConfig | None = Non
     started = time.perf_counter()
     stats = validation_frame(df_clean)
     gx = _gx()
+    suite, gx_result = _run_suite(gx, stats, config)
+    # GX does not return results in suite order; restore it so reports read like the suite.
+    order = {e.id: i for i, e in enumerate(suite.expectations)}
+    raw = sorted(gx_result.results, key=lambda r: order.get(r.expectation_config.id, len(order)))
+    outcomes = [_outcome(r, stats, config) for r in raw]
+    n_ok = sum(o.success for o in outcomes)
+    return ValidationReport(
+        success=n_ok == len(outcomes),
+        results=outcomes,
+        evaluated=len(outcomes),
+        successful=n_ok,
+        failed=len(outcomes) - n_ok,
+        n_rows=len(stats),
+        gx_version=str(gx.__version__),
+        duration_s=time.perf_counter() - started,
+    )
+
+
+def _ephemeral_context(gx: Any) -> Any:
+    """A GX context with everything in memory (no temporary Data Docs site either),
+    analytics off, and no tqdm progress bars cluttering pipeline logs."""
     from great_expectations.data_context.types.base import (
         DataContextConfig,
         InMemoryStoreBackendDefaults,
         ProgressBarsConfig,
     )
 
-    # Everything in memory (no temporary Data Docs site either), analytics off, and no
-    # tqdm progress bars cluttering pipeline logs.
     project_config = DataContextConfig(
         store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
         analytics_enabled=False,
         progress_bars=ProgressBarsConfig(globally=False),
     )
-    context = gx.get_context(mode="ephemeral", project_config=project_config)
+    return gx.get_context(mode="ephemeral", project_config=project_config)
+
+
+def _run_suite(gx: Any, stats: pd.DataFrame, config: ValidationConfig) -> tuple[Any, Any]:
+    """Run the suite over ``stats`` as one whole-table batch: (the suite as added to the
+    context, GX's validation result)."""
+    context = _ephemeral_context(gx)
     batch_definition = (
         context.data_sources.add_pandas("kiln")
         .add_dataframe_asset("image_statistics")
@@ -447,44 +414,29 @@ def validate_table(df_clean: pd.DataFrame, config: ValidationConfig | None = Non
             "partial_unexpected_count": _MAX_EXAMPLES,
         },
     )
+    return suite, gx_result
 
-    # GX does not return results in suite order; restore it so reports read like the suite.
-    order = {e.id: i for i, e in enumerate(suite.expectations)}
-    raw = sorted(gx_result.results, key=lambda r: order.get(r.expectation_config.id, len(order)))
-    outcomes: list[ExpectationOutcome] = []
-    for r in raw:
-        cfg = r.expectation_config
-        kwargs = {k: v for k, v in cfg.kwargs.items() if k != "batch_id"}
-        result = _jsonable(r.to_json_dict().get("result") or {})
-        exception = _exception_text(r.exception_info)
-        success = bool(r.success) and exception is None
-        observed = _observed_text(cfg.type, result, exception)
-        if kwargs.get("column") == CLASS_SHARE and exception is None:
-            observed = _class_share_text(stats, config)
-        notes = cfg.notes if isinstance(cfg.notes, str) else " ".join(cfg.notes or [])
-        outcomes.append(
-            ExpectationOutcome(
-                expectation_type=cfg.type,
-                column=kwargs.get("column"),
-                kwargs=json.loads(json.dumps(kwargs, default=str)),
-                success=success,
-                observed=observed,
-                expected=_expected_text(cfg.type, kwargs),
-                notes=notes,
-                examples=list(result.get("partial_unexpected_index_list", [])),
-                details=result,
-            )
-        )
-    n_ok = sum(o.success for o in outcomes)
-    return ValidationReport(
-        success=n_ok == len(outcomes),
-        results=outcomes,
-        evaluated=len(outcomes),
-        successful=n_ok,
-        failed=len(outcomes) - n_ok,
-        n_rows=len(stats),
-        gx_version=str(gx.__version__),
-        duration_s=time.perf_counter() - started,
+
+def _outcome(r: Any, stats: pd.DataFrame, config: ValidationConfig) -> ExpectationOutcome:
+    """One GX expectation result as an :class:`ExpectationOutcome`; an expectation that
+    raised counts as failed."""
+    cfg = r.expectation_config
+    kwargs = {k: v for k, v in cfg.kwargs.items() if k != "batch_id"}
+    result = _jsonable(r.to_json_dict().get("result") or {})
+    exception = _exception_text(r.exception_info)
+    observed = _observed_text(cfg.type, result, exception)
+    if kwargs.get("column") == CLASS_SHARE and exception is None:
+        observed = _class_share_text(stats, config)
+    return ExpectationOutcome(
+        expectation_type=cfg.type,
+        column=kwargs.get("column"),
+        kwargs=json.loads(json.dumps(kwargs, default=str)),
+        success=bool(r.success) and exception is None,
+        observed=observed,
+        expected=_expected_text(cfg.type, kwargs),
+        notes=cfg.notes if isinstance(cfg.notes, str) else " ".join(cfg.notes or []),
+        examples=list(result.get("partial_unexpected_index_list", [])),
+        details=result,
     )
 
 

@@ -50,3 +50,22 @@ def test_compile_takes_the_cluster_options(tmp_path: Path, capsys: pytest.Captur
 def test_compile_refuses_a_malformed_resources_option(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="--resources wants STEP=CPU_REQ,CPU_LIM,MEM_REQ,MEM_LIM"):
         main(["compile", "--output", str(tmp_path / "p.yaml"), "--resources", "trian=1,2,1Gi,2Gi"])
+
+
+def test_the_server_and_its_demo_page_import_no_matplotlib_and_jinja2_is_a_serve_dependency() -> None:
+    """The serve image installs only the `serve` extra: the demo page must not need the plots' stack."""
+    import subprocess
+    import sys
+    import tomllib
+
+    code = "import sys, kiln.serving.server, kiln.html; sys.exit('matplotlib' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    extras = tomllib.loads((find_repo_root(Path(__file__).parent) / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert "jinja2==3.1.6" in extras["serve"] and "jinja2==3.1.6" in extras["serve-gpu"]
+
+
+def test_a_usage_mistake_is_one_line_and_exit_2(capsys: pytest.CaptureFixture) -> None:
+    assert main(["models", "promote"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("kiln models: ") and "--help" in err

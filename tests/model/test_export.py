@@ -16,7 +16,7 @@ from kiln import export as export_mod
 from kiln.contract import CLASS_LABELS, INPUT_NAME, LABEL_NAME, NUM_CLASSES, ONNX_OPSET, PROBABILITIES_NAME
 from kiln.dataset import to_arrays
 from kiln.export import ExportError, ExportParityError, check_onnx_contract, check_parity, export_onnx, read_metadata
-from kiln.train import read_checkpoint
+from kiln.checkpoint import read_checkpoint
 
 
 def _session(path) -> ort.InferenceSession:
@@ -152,7 +152,8 @@ def variants(exported, tables, tmp_path_factory):
     from kiln.export import export_variants
 
     out = tmp_path_factory.mktemp("variants")
-    return out, export_variants(exported.onnx_path, out, tables.test)
+    # as the pipeline does: scored on validation, calibrated on training images, no test data
+    return out, export_variants(exported.onnx_path, out, tables.val, calibration_df=tables.train)
 
 
 def test_variants_are_scored_and_ship_only_within_the_accuracy_budget(variants, exported, tables) -> None:
@@ -161,7 +162,7 @@ def test_variants_are_scored_and_ship_only_within_the_accuracy_budget(variants, 
     from kiln.evaluate import predict_onnx
 
     out, report = variants
-    pixels, labels = to_arrays(tables.test)
+    pixels, labels = to_arrays(tables.val)
     base_pred = predict_onnx(exported.onnx_path, pixels)[1]
     base_acc = float(np.mean(base_pred == labels))
     assert report["baseline"]["accuracy"] == pytest.approx(base_acc) and report["n"] == len(labels)
@@ -189,16 +190,16 @@ def test_int8_variants_quantise_the_convolutions(variants, exported, tables, tmp
     from kiln.export import export_variants
 
     # static QDQ (the default int8): every Conv / Gemm weight goes through an int8 DequantizeLinear
-    static = export_variants(exported.onnx_path, tmp_path, tables.test.head(50), max_drop=1.0, variants=("int8",),
-                             calibration_df=tables.val)
-    assert static["variants"]["int8"]["method"].endswith("MinMax calibration on 200 images)")  # one method, not two
+    static = export_variants(exported.onnx_path, tmp_path, tables.val.head(50), max_drop=1.0, variants=("int8",),
+                             calibration_df=tables.train)
+    assert static["variants"]["int8"]["method"].endswith("MinMax calibration on 256 images)")  # one method, not two
     graph = onnx.load(static["variants"]["int8"]["path"]).graph
     int8_weights = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT8}
     dq_of_int8 = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int8_weights}
     weighted = [n for n in graph.node if n.op_type in ("Conv", "Gemm")]
     assert len(weighted) == 4 and all(n.input[1] in dq_of_int8 for n in weighted)
     # dynamic: integer kernels
-    dynamic = export_variants(exported.onnx_path, tmp_path, tables.test.head(50), max_drop=1.0, variants=("int8_dynamic",))
+    dynamic = export_variants(exported.onnx_path, tmp_path, tables.val.head(50), max_drop=1.0, variants=("int8_dynamic",))
     ops = {n.op_type for n in onnx.load(dynamic["variants"]["int8_dynamic"]["path"]).graph.node}
     assert {"ConvInteger", "MatMulInteger"} <= ops and "Conv" not in ops
 
@@ -207,7 +208,7 @@ def test_variant_over_the_budget_does_not_ship(exported, tables, tmp_path) -> No
     from kiln.export import export_variants
 
     # a negative budget cannot be met even by a lossless variant
-    report = export_variants(exported.onnx_path, tmp_path, tables.test, max_drop=-0.01, variants=("fp16",))
+    report = export_variants(exported.onnx_path, tmp_path, tables.val, max_drop=-0.01, variants=("fp16",))
     v = report["variants"]["fp16"]
     assert not v["ships"] and v["path"] is None and v["accuracy_drop"] is not None
     assert v["reason"].startswith("accuracy drop") and ">" in v["reason"]
@@ -220,8 +221,38 @@ def test_missing_converter_is_recorded_not_raised(exported, tables, tmp_path, mo
     from kiln.export import export_variants
 
     monkeypatch.setitem(sys.modules, "onnxruntime.transformers.float16", None)  # import now fails
-    report = export_variants(exported.onnx_path, tmp_path, tables.test.head(50), variants=("fp16",))
+    report = export_variants(exported.onnx_path, tmp_path, tables.val.head(50), variants=("fp16",))
     v = report["variants"]["fp16"]
     assert not v["ships"] and v["reason"].startswith("converter not available")
     with pytest.raises(ValueError, match="unknown variant"):
-        export_variants(exported.onnx_path, tmp_path, tables.test, variants=("int4",))
+        export_variants(exported.onnx_path, tmp_path, tables.val, variants=("int4",))
+
+
+# --------------------------------------------------------------------------- the export component
+
+
+def test_export_component_reads_train_and_val_never_test(trained, tables, tmp_path) -> None:
+    """The KFP adapter, called with real artifact objects: parity and variant choice run
+    on the validation split, int8 calibration on training images; there is no test input."""
+    import inspect
+
+    from kfp.dsl import Dataset, Model
+
+    from components.export import export
+
+    assert "test_set" not in inspect.signature(export).parameters
+    paths = {}
+    for name in ("train", "val"):
+        paths[name] = tmp_path / f"{name}.parquet"
+        getattr(tables, name).to_parquet(paths[name])
+    checkpoint = Model(name="checkpoint", uri=str(trained.checkpoint))
+    onnx_model = Model(name="onnx_model", uri=str(tmp_path / "out" / "model.onnx"))
+    variant_dir = Model(name="variants", uri=str(tmp_path / "out" / "variants"))
+    export(checkpoint, Dataset(name="train_set", uri=str(paths["train"])), Dataset(name="val_set", uri=str(paths["val"])),
+           "md5:feed", onnx_model, variant_dir)
+    assert read_metadata(onnx_model.path)["data_version"] == "md5:feed"
+    assert onnx_model.metadata["parity_max_abs_diff"] <= 1e-4
+    summary = json.loads((Path(variant_dir.path) / "variants.json").read_text())
+    assert summary["n"] == len(tables.val)  # scored on validation
+    assert summary["variants"]["int8"]["method"].endswith("calibration on 256 images)")  # from the 1,000 training
+    assert variant_dir.metadata["fp16_ships"] == summary["variants"]["fp16"]["ships"]

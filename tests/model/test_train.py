@@ -11,20 +11,12 @@ import torch
 
 import kiln
 from kiln import train as train_mod
+from kiln.augment import random_rotate, random_shift
+from kiln.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, weights_sha256
 from kiln.contract import NUM_CLASSES
 from kiln.dataset import to_arrays
-from kiln.train import (
-    CheckpointError,
-    ServingModel,
-    TrainConfig,
-    build_model,
-    load_checkpoint,
-    predict_proba,
-    random_rotate,
-    random_shift,
-    read_checkpoint,
-    train,
-)
+from kiln.models import MNIST_MEAN, MNIST_STD, MODEL_TYPES, ServingModel, build_model, predict_proba
+from kiln.train import TrainConfig, train
 
 QUIET = {"log": lambda _: None}
 
@@ -67,6 +59,14 @@ def test_build_model_maps_normalised_images_to_logits(model: str) -> None:
     assert net(torch.zeros(5, 1, 28, 28)).shape == (5, NUM_CLASSES)
 
 
+def test_families_come_from_the_registry() -> None:
+    assert MODEL_TYPES == ("cnn", "mlp") and train_mod.MODELS == MODEL_TYPES
+    # a checkpoint's saved config (a plain dict) is enough to rebuild its network
+    assert isinstance(build_model({"model": "cnn", "dropout": 0.0}), torch.nn.Module)
+    with pytest.raises(ValueError, match=r"unknown model 'rnn'; known families are \['cnn', 'mlp'\]"):
+        build_model({"model": "rnn", "dropout": 0.0})
+
+
 def test_mlp_is_784_512_10() -> None:
     linears = [m for m in build_model(TrainConfig(model="mlp")).modules() if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(784, 512), (512, 10)]
@@ -81,7 +81,7 @@ def test_serving_model_normalises_and_returns_probabilities_and_labels() -> None
     assert label.dtype == torch.int64 and label.shape == (4,)
     torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(4))
     # the same as normalising by hand with the MNIST constants and running the net
-    x = ((pixels.float() / 255 - train_mod.MNIST_MEAN) / train_mod.MNIST_STD).unsqueeze(1)
+    x = ((pixels.float() / 255 - MNIST_MEAN) / MNIST_STD).unsqueeze(1)
     torch.testing.assert_close(probabilities, torch.softmax(net(x), dim=1))
     assert torch.equal(label, probabilities.argmax(dim=1))
 
@@ -220,7 +220,7 @@ def test_checkpoint_holds_config_history_and_best_weights(trained, tables) -> No
     assert ckpt["best_epoch"] == trained.result.best_epoch
 
     config, net = load_checkpoint(trained.checkpoint)
-    assert config == trained.config
+    assert config == trained.config.to_dict()
     assert not net.training
     # The reloaded weights reproduce the best epoch's validation metrics exactly.
     pixels, labels = to_arrays(tables.val)
@@ -317,6 +317,15 @@ def ddp_tables(tables, tmp_path_factory):
     return d, small_train, small_val
 
 
+def test_rank_slices_partition_the_global_batch_in_order() -> None:
+    from kiln.distributed import Dist, rank_slice
+
+    batch = torch.arange(10)
+    assert rank_slice(batch, Dist()) is batch  # one process: the whole batch
+    parts = [rank_slice(batch, Dist(rank=r, world_size=3)) for r in range(3)]
+    assert [p.tolist() for p in parts] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+
+
 def test_ddp_two_ranks_match_single_process_run(ddp_tables) -> None:
     d, small_train, small_val = ddp_tables
     # no dropout and no BatchNorm: the only difference left is reduction order
@@ -327,7 +336,7 @@ def test_ddp_two_ranks_match_single_process_run(ddp_tables) -> None:
     assert rank0["weights_sha256"] == rank1["weights_sha256"]  # both ranks end with identical weights
     assert rank0["history"] == rank1["history"]
     ckpt = read_checkpoint(d / "mlp.pt")
-    assert train_mod.weights_sha256(ckpt["state_dict"]) == rank0["weights_sha256"]
+    assert weights_sha256(ckpt["state_dict"]) == rank0["weights_sha256"]
     expected = read_checkpoint(d / "single.pt")["state_dict"]
     assert list(ckpt["state_dict"]) == list(expected)  # no "module." prefix from DDP
     for key, value in expected.items():
@@ -353,7 +362,7 @@ def test_run_train_with_two_processes_launches_torchrun(ddp_tables) -> None:
     result = run_train(d / "train.parquet", d / "val.parquet", d / "run.pt", {"model": "mlp", "epochs": 1, "device": "cpu"},
                        curves_path=d / "run_curves.html", nproc=2)
     assert result.world_size == 2 and result.checkpoint_path == d / "run.pt"
-    assert train_mod.weights_sha256(read_checkpoint(d / "run.pt")["state_dict"]) == result.weights_sha256
+    assert weights_sha256(read_checkpoint(d / "run.pt")["state_dict"]) == result.weights_sha256
     assert (d / "run_curves.html").is_file()
     with pytest.raises(ValueError, match="nproc"):
         run_train(d / "train.parquet", d / "val.parquet", d / "x.pt", nproc=0)

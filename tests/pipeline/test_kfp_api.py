@@ -182,7 +182,7 @@ def test_in_cluster_the_service_account_token_file_is_used(api: FakeKfp, tmp_pat
     monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(token))
     assert kiln(["schedule", "list", "--host", api.url]) == 0
     assert api.requests[-1]["authorization"] == "Bearer good-token"
-    assert api.requests[-1]["query"]["namespace"] == "kubeflow"
+    assert api.requests[-1]["query"]["namespace"] == "kubeflow-user-example-com"
 
 
 def test_the_fake_refuses_fields_the_models_do_not_know(api: FakeKfp) -> None:

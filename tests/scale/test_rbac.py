@@ -16,7 +16,7 @@ from helpers import REPO_ROOT
 from kiln.trainjob import API_CALLS
 
 K8S_VERSION = "1.31.0"
-SERVICE_ACCOUNT = "pipeline-runner"
+SERVICE_ACCOUNT = "default-editor"
 
 pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is needed to build kustomizations")
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -224,6 +224,14 @@ router = APIRouter()
 
 def _state(request: Request) -> ServingState:
     return request.app.state.serving
+
+
+@router.get("/", include_in_schema=False)
+async def demo_page(request: Request) -> HTMLResponse:
+    """The draw-a-digit page (kiln.html): it posts to this server's V2 infer endpoint."""
+    from kiln.html import demo_page as render_demo
+
+    return HTMLResponse(render_demo(_state(request).model_name))
 
 
 @router.get("/v2")

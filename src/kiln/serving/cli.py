@@ -7,9 +7,11 @@ and the process exits 0.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import signal
+import socket
 import sys
 import threading
 from types import FrameType
@@ -18,6 +20,7 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
 
+from kiln.errors import PortInUseError, StoreMissingError, UserError
 from kiln.serving.app import ServingState, create_app_from_settings
 from kiln.serving.codec import describe_validation_error
 from kiln.serving.config import ServeCommand, ServerSettings
@@ -78,9 +81,30 @@ def load_settings(argv: list[str] | None = None) -> ServerSettings:
     return parse_args(argv)[0]
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (handed to uvicorn, so the port cannot be taken in
+    between); PortInUseError when something already listens there."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise PortInUseError(f"port {port} on {host} is already in use: stop what listens there or pass "
+                                 "--port with a free one") from e
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}; check --host and --port") from e
+    return sock
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the server until signalled. Returns 0, or 1 if startup failed."""
+    """Run the server until signalled. Returns 0, or 1 if startup failed. A missing model
+    store or a busy port raise a :class:`~kiln.errors.UserError` before anything loads."""
     settings, host, port = parse_args(argv)
+    if not settings.model_store.is_dir():
+        raise StoreMissingError(f"no model store at {settings.model_store}: pass --store with the store's folder "
+                                "(`kiln run` creates model_store/ and deploys into it)")
+    sock = listen_socket(host, port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app: FastAPI = create_app_from_settings(settings, freeze_gc=True, host=host)
     config = uvicorn.Config(
@@ -97,12 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     server = DrainingServer(config, app.state.serving, settings.drain_delay_s)
     try:
-        server.run()
+        server.run(sockets=[sock])
     except SystemExit:
         # uvicorn exits the process when the lifespan (loading the model) fails; main()
         # reports that as its return value instead, like every other kiln command.
         if server.started:
             raise
+    finally:
+        sock.close()
     return 0 if server.started else 1
 
 
