@@ -29,6 +29,10 @@ class ServerMetrics:
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
         GCCollector(registry=registry)
+        self._request_metrics(registry)
+        self._model_metrics(registry)
+
+    def _request_metrics(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(
             "kiln_inference_requests",
             "Inference requests by model, version and HTTP status code.",
@@ -76,6 +80,8 @@ class ServerMetrics:
             registry=registry,
             buckets=_BATCH_BUCKETS,
         )
+
+    def _model_metrics(self, registry: CollectorRegistry) -> None:
         self.loads = Counter(
             "kiln_model_loads",
             "Model version loads by model, version and result (success, failure).",
