@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA_STAMP := data/labels.csv
 
-.PHONY: setup run serve test test-fast lint compile data clean-runs images gpu-check kserve-sdk
+.PHONY: setup run serve test test-fast test-bench lint compile data clean-runs images gpu-check kserve-sdk
 .DEFAULT_GOAL := run
 
 setup: $(STAMP) $(DATA_STAMP)
@@ -47,16 +47,21 @@ compile: setup
 # Test files are spread over two workers (pytest-xdist; a file's tests stay together, so
 # its fixtures are built once), then the timing-sensitive `load` tests run alone, on a
 # machine nothing else in the suite is loading. Exit status 5 is "no test selected" (ARGS
-# naming files without load tests).
+# naming files without load tests). The `bench` tests (the benchmark's peer servers, each
+# from a venv of its own that takes minutes to create) are `make test-bench`'s.
 PYTEST_WORKERS ?= 2
 test: setup
-	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not load" $(ARGS)
-	$(BIN)/pytest -q -m load $(ARGS) || [ $$? -eq 5 ]
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not load and not bench" $(ARGS)
+	$(BIN)/pytest -q -m "load and not bench" $(ARGS) || [ $$? -eq 5 ]
+
+test-bench: setup
+	$(BIN)/python -m bench.peers --ensure-venvs
+	$(BIN)/pytest -q -m bench $(ARGS)
 
 # the quick loop: no `slow` tests (real pipeline runs, training, venvs, subprocess servers,
 # DVC remotes, compiles) and no `load` tests
 test-fast: setup
-	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow and not load" $(ARGS)
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow and not load and not bench" $(ARGS)
 
 # The structural rules of src/kiln (module and function sizes, no step importing another
 # step's module), read with ast; plus a byte-compile of everything under src.

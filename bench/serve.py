@@ -1,20 +1,23 @@
-"""Benchmark: the kiln model server under load (wrk), against in-process ONNX Runtime and KServe's ModelServer.
+"""Benchmark: the kiln model server under load, against its peers and in-process ONNX Runtime.
 
 Requests/s and p50/p99 latency at concurrency 1, 16 and 64 for ``kiln serve`` with
 batching on and off, driven by Debian's ``wrk`` with a Lua script that POSTs one
 image as a KServe V2 JSON body (``pixels`` UINT8 [1, 28, 28], a real MNIST digit).
-Two baselines are measured in the same run on the same ONNX files:
+Measured in the same run on the same ONNX files:
 
 * in-process ONNX Runtime: ``session.run`` at batch 1 in a loop from one caller thread,
   with ORT's default session options and with the server's (``kiln.runtime.SessionSettings``:
   intra-op threads = CPU quota, inter-op 1, sequential, no spinning) -- the limit no
   server can pass;
-* the ``kserve`` SDK's ``ModelServer`` wrapping ONNX Runtime as its docs show for a
-  custom V2 model (``bench/peers/kserve_onnx.py``), with the SDK's defaults and the
-  session kiln serves with: it builds it with ``kiln.runtime`` from the same
-  ``SessionSettings`` (``kiln_session_settings``). It runs from its own virtual
-  environment (``--kserve-venv``, created when absent with the pins in ``KSERVE_PINS``:
-  kserve is not a kiln dependency).
+* the peers of ``bench/peers`` on the tiny model, each from its own virtual environment
+  (``--<peer>-venv``, created when absent): KServe's ``ModelServer`` (a custom V2 model,
+  no batching), MLServer with adaptive batching and Triton (nvidia-pytriton) with its
+  dynamic batcher. Every one opens its session with ``kiln.runtime`` from the same
+  ``SessionSettings`` as ``kiln serve`` (``kiln_session_settings``; recorded with the
+  ONNX Runtime options it sets), so none runs ONNX Runtime's defaults;
+* gRPC against REST on one kiln server, both driven by ``h2load`` (nghttp2-client):
+  REST JSON over HTTP/1.1 and gRPC ModelInfer (raw input contents) over HTTP/2, counted
+  by the server's own status counters (h2load takes a gRPC error for a success).
 
 Models: (1) ``tiny``, kiln's default CNN (``TrainConfig(model="cnn")``, seeded and
 untrained: throughput does not depend on the weights) exported by ``kiln.export.export_onnx``
@@ -24,21 +27,20 @@ inference takes 1 ms or more here (measured and recorded). Both are put in a mod
 store with ``kiln.deploy.deploy`` (model.json with sha256, ``production`` alias), which
 is what ``kiln serve`` loads.
 
-Each server is started as its own process group on a free loopback port, warmed up
-with wrk, then measured point by point; it is always killed at the end (also on errors
-and Ctrl-C). For kiln, ``/metrics`` is scraped before and after every point: the
-histogram deltas give, per request, the handler's total time, the batching queue wait
-and the ONNX Runtime compute; their difference is decode + encode (parse and serialise)
-and the rest of the handler; wrk's mean latency minus the handler's total is what
-uvicorn and the socket add. Kiln's own decode and encode (``kiln.serving.codec``) of
-the same one-image body are also timed in-process. Server CPU time per request comes
-from /proc for every server.
+Each server is started as its own process group on a free loopback port, warmed up,
+then measured point by point; it is always killed at the end (also on errors and
+Ctrl-C). For kiln, ``/metrics`` is scraped before and after every point: the histogram
+deltas give, per request, the handler's total time, the batching queue wait and the
+ONNX Runtime compute; their difference is decode + encode and the rest of the handler;
+wrk's mean latency minus the handler's total is what the HTTP server and the socket add.
+Server CPU time per request comes from /proc for every server; the load average at the
+start and end of the run is recorded (the machine may be shared).
 
-Targets are recorded as ratios within this run, never asserted.
+Targets (the issue's table) are recorded as ratios within this run, never asserted.
 
-    .venv/bin/python bench/serve.py                  # ~4 min -> bench/results/serve.json
+    .venv/bin/python bench/serve.py                  # ~8 min -> bench/results/serve.json
     .venv/bin/python bench/serve.py --quick          # ~2 s per point smoke run
-    .venv/bin/python bench/serve.py --duration 20 --kserve-venv /tmp/kiln-bench-kserve
+    .venv/bin/python bench/serve.py --peers mlserver --skip-grpc --output /tmp/serve.json
 """
 
 from __future__ import annotations
@@ -48,422 +50,58 @@ import contextlib
 import json
 import os
 import platform
-import re
-import resource
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.serve_baselines import (  # noqa: E402
+    MODEL_NAMES,
+    build_models,
+    in_process_ort,
+    kiln_codec,
+    kiln_session_settings,
+)
+from bench.serve_report import CONCURRENCY, compute_ratios, print_summary  # noqa: E402
+from bench.loadgen import (  # noqa: E402
+    LUA,
+    Server,
+    breakdown,
+    check_answer,
+    free_port,
+    grpc_frame,
+    run_h2load,
+    run_wrk,
+    scrape,
+)
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "serve.json"
-CONCURRENCY = (1, 16, 64)
-MODEL_NAMES = {"tiny": "mnist", "heavy": "mnist-heavy"}
-KSERVE_PINS = ("kserve==0.21.0", "onnxruntime==1.31.1", "numpy==2.4.6")
-"""What ``--kserve-venv`` gets when it has to be created (onnxruntime: the version kiln pins)."""
-DEFAULT_KSERVE_VENV = Path(tempfile.gettempdir()) / "kiln-bench-kserve"
-"""Outside the repository: ``bench/.venv-kserve`` would not be git-ignored."""
-
-# --- wrk -------------------------------------------------------------------------------------
-
-LUA = """\
--- Generated by bench/serve.py: POST one image as a KServe V2 JSON body.
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.body = [==[%(body)s]==]
-
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    'WRKJSON {"requests":%%.0f,"duration_us":%%.0f,"bytes":%%.0f,' ..
-    '"err_connect":%%.0f,"err_read":%%.0f,"err_write":%%.0f,"err_status":%%.0f,"err_timeout":%%.0f,' ..
-    '"mean_us":%%.1f,"p50_us":%%.0f,"p90_us":%%.0f,"p99_us":%%.0f,"max_us":%%.0f}\\n',
-    summary.requests, summary.duration, summary.bytes,
-    e.connect, e.read, e.write, e.status, e.timeout,
-    latency.mean, latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
-end
-"""
-
-
-def run_wrk(url: str, lua: Path, concurrency: int, seconds: int) -> dict[str, Any]:
-    """One wrk run: requests/s, latency percentiles (ms), errors, wrk's own CPU time."""
-    threads = min(concurrency, 2)
-    cmd = ["wrk", "-t", str(threads), "-c", str(concurrency), "-d", f"{seconds}s", "--latency",
-           "--timeout", "10s", "-s", str(lua), url]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
-    if proc.returncode != 0 or line is None:
-        raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stdout}\n{proc.stderr}")
-    raw = json.loads(line.removeprefix("WRKJSON "))
-    duration = raw["duration_us"] / 1e6
-    errors = {k.removeprefix("err_"): int(v) for k, v in raw.items() if k.startswith("err_")}
-    ok = raw["requests"] - errors["status"]
-    return {
-        "requests": int(raw["requests"]),
-        "duration_s": round(duration, 3),
-        "rps": round(ok / duration, 1),  # answered with 2xx/3xx only
-        "mean_ms": round(raw["mean_us"] / 1e3, 3),
-        "p50_ms": round(raw["p50_us"] / 1e3, 3),
-        "p90_ms": round(raw["p90_us"] / 1e3, 3),
-        "p99_ms": round(raw["p99_us"] / 1e3, 3),
-        "max_ms": round(raw["max_us"] / 1e3, 3),
-        "errors": sum(errors.values()),
-        "error_detail": errors,
-        "wrk_threads": threads,
-        "wrk_cpu_s": round((after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime), 3),
-    }
-
-
-# --- processes -------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def group_cpu_seconds(pgid: int) -> float:
-    """User + system CPU seconds of every live process in process group ``pgid`` (/proc)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # fields[0] is field 3 (state): pgrp is field 5, utime 14, stime 15
-        if int(fields[2]) == pgid:
-            total += int(fields[11]) + int(fields[12])
-    return total / tick
-
-
-class Server:
-    """A server process in its own process group, killed (the whole group) on exit."""
-
-    def __init__(self, name: str, cmd: list[str], port: int, ready_path: str, log: Path,
-                 env: dict[str, str] | None = None) -> None:
-        self.name, self.cmd, self.port, self.ready_path, self.log, self.env = name, cmd, port, ready_path, log, env
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> Server:
-        self._log_file = open(self.log, "wb")
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log_file, stderr=subprocess.STDOUT, env=self.env,
-                                     start_new_session=True, cwd=REPO)
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.name} exited ({self.proc.returncode}) before it was ready; "
-                                       f"log {self.log}:\n{self.log.read_text()[-3000:]}")
-                with contextlib.suppress(OSError):
-                    with urllib.request.urlopen(self.base + self.ready_path, timeout=2) as r:
-                        if r.status == 200:
-                            return self
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{self.name} not ready after 120 s; log {self.log}")
-                time.sleep(0.2)
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def cpu_seconds(self) -> float:
-        return group_cpu_seconds(self.proc.pid) if self.proc is not None else 0.0
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        # SIGINT: kiln shuts down without its SIGTERM drain delay; KServe stops the same way.
-        for sig, wait in ((signal.SIGINT, 15), (signal.SIGKILL, 5)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, sig)
-            try:
-                self.proc.wait(wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        with contextlib.suppress(ProcessLookupError):  # stragglers left in the group
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc = None
-        self._log_file.close()
-
-
-def post_json(url: str, body: bytes) -> tuple[int, dict[str, Any]]:
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, {"error": e.read().decode(errors="replace")}
-
-
-def check_answer(server: Server, path: str, body: bytes, expected_label: int) -> None:
-    """One request outside the timed runs: the server answers 200 with the model's label."""
-    status, answer = post_json(server.base + path, body)
-    outputs = {o.get("name"): o for o in answer.get("outputs", [])}
-    if status != 200 or "label" not in outputs or "probabilities" not in outputs:
-        raise RuntimeError(f"{server.name}: unexpected answer {status}: {str(answer)[:500]}")
-    if outputs["label"]["data"] != [expected_label] or outputs["probabilities"]["shape"] != [1, 10]:
-        raise RuntimeError(f"{server.name}: wrong answer {answer} (expected label {expected_label})")
-
-
-# --- kiln /metrics -----------------------------------------------------------------------------
-
-_METRIC = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
-_SERIES = {
-    "total": "kiln_inference_request_duration_seconds",
-    "queue": "kiln_inference_queue_duration_seconds",
-    "compute": "kiln_inference_compute_duration_seconds",
-    "batch_requests": "kiln_inference_batch_requests",
-    "batch_rows": "kiln_inference_batch_size",
-}
-
-
-def scrape(base: str) -> dict[str, float]:
-    """``<series>_sum``/``_count`` summed over label sets, and request counts by code."""
-    with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        m = _METRIC.match(line)
-        if not m:
-            continue
-        name, labels, value = m.group(1), m.group(2) or "", float(m.group(3))
-        for key, series in _SERIES.items():
-            for suffix in ("_sum", "_count"):
-                if name == series + suffix:
-                    out[key + suffix] = out.get(key + suffix, 0.0) + value
-        if name == "kiln_inference_requests_total":
-            code = re.search(r'code="(\d+)"', labels)
-            key = "code_" + (code.group(1) if code else "unknown")
-            out[key] = out.get(key, 0.0) + value
-    return out
-
-
-def breakdown(before: dict[str, float], after: dict[str, float], client_mean_ms: float) -> dict[str, Any]:
-    """Per-request mean microseconds from histogram deltas (see the module docstring)."""
-    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in set(before) | set(after)}
-    n = d.get("total_count", 0.0)
-    if n <= 0:
-        return {}
-    batches = d.get("compute_count", 0.0) or 1.0
-    total = d["total_sum"] / n
-    queue = d.get("queue_sum", 0.0) / max(d.get("queue_count", 0.0), 1.0)
-    compute_run = d.get("compute_sum", 0.0) / batches  # a request waits for its whole batch's run
-    return {
-        "server_requests": int(n),
-        "non_200": int(sum(v for k, v in d.items() if k.startswith("code_") and k != "code_200")),
-        "inference_runs": int(d.get("compute_count", 0.0)),
-        "mean_batch_requests": round(d.get("batch_requests_sum", 0.0) / batches, 2),
-        "client_latency_us": round(client_mean_ms * 1e3, 1),
-        "handler_total_us": round(total * 1e6, 1),
-        "queue_us": round(queue * 1e6, 1),
-        "inference_us": round(compute_run * 1e6, 1),
-        "inference_amortised_us": round(d.get("compute_sum", 0.0) / n * 1e6, 1),
-        "decode_encode_other_us": round((total - queue - compute_run) * 1e6, 1),
-        "outside_handler_us": round((client_mean_ms / 1e3 - total) * 1e6, 1),
-    }
-
-
-# --- models ------------------------------------------------------------------------------------
-
-
-def heavy_net(channels: tuple[int, int], hidden: int, layers: int):
-    """kiln's ConvNet, wider, with a deeper and wider head (normalised [N,1,28,28] -> logits [N,10])."""
-    from torch import nn
-
-    c1, c2 = channels
-    mods: list[nn.Module] = [
-        nn.Conv2d(1, c1, 3, padding=1), nn.BatchNorm2d(c1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(c1, c2, 3, padding=1), nn.BatchNorm2d(c2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(c2 * 7 * 7, hidden), nn.ReLU(),
-    ]
-    for _ in range(layers - 1):
-        mods += [nn.Linear(hidden, hidden), nn.ReLU()]
-    mods.append(nn.Linear(hidden, 10))
-    return nn.Sequential(*mods)
-
-
-def build_models(work: Path, store: Path, images: np.ndarray, labels: np.ndarray,
-                 args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """Export both models and deploy each as version 1 (production) of its name in ``store``."""
-    import hashlib
-
-    import onnx
-    import pandas as pd
-    import torch
-
-    from kiln.deploy import deploy
-    from kiln.export import _export_proto, check_onnx_contract, export_onnx
-    from kiln.models import ServingModel, build_model
-    from kiln.train import TrainConfig
-
-    models: dict[str, dict[str, Any]] = {}
-    # tiny: kiln's own architecture and export path (contract + parity gate) on real digits
-    torch.manual_seed(0)
-    config = TrainConfig(model="cnn", device="cpu")
-    net = build_model(config).eval()
-    ckpt = work / "tiny.pt"
-    torch.save({"config": config.to_dict(), "state_dict": net.state_dict(), "history": [], "best_epoch": None}, ckpt)
-    pixels = [img.tobytes() for img in images[:256]]
-    val_df = pd.DataFrame({"id": [f"{i:05d}" for i in range(len(pixels))], "label": labels[:256].astype(np.int64),
-                           "pixels": pixels, "sha256": [hashlib.sha256(p).hexdigest() for p in pixels]})
-    export_onnx(ckpt, work / "tiny.onnx", val_df, {"data_version": "bench-untrained"})
-    models["tiny"] = {"architecture": "kiln ConvNet (TrainConfig(model='cnn')), seeded, untrained",
-                      "parameters": sum(p.numel() for p in net.parameters()), "onnx": work / "tiny.onnx"}
-
-    # heavy: same contract, a wider network; exported with kiln's exporter and contract check
-    torch.manual_seed(0)
-    c1, c2 = args.heavy_channels
-    hnet = heavy_net((c1, c2), args.heavy_hidden, args.heavy_layers).eval()
-    proto = _export_proto(ServingModel(hnet).eval())
-    onnx.checker.check_model(proto, full_check=True)
-    check_onnx_contract(proto)
-    spec = {"model": "bench-heavy-cnn", "channels": [c1, c2], "hidden": args.heavy_hidden, "layers": args.heavy_layers}
-    proto.metadata_props.add(key="train_config", value=json.dumps(spec))
-    onnx.save_model(proto, str(work / "heavy.onnx"), save_as_external_data=False)
-    models["heavy"] = {"architecture": f"conv({c1})-pool-conv({c2})-pool-" + "-".join([f"fc({args.heavy_hidden})"] * args.heavy_layers)
-                       + "-fc(10), batchnorm+relu, seeded, untrained",
-                       "parameters": sum(p.numel() for p in hnet.parameters()), "onnx": work / "heavy.onnx"}
-
-    for key, info in models.items():
-        version = deploy(info["onnx"], store, MODEL_NAMES[key], {"note": "bench/serve.py"})
-        info.update(model_name=MODEL_NAMES[key], version=version.version, onnx=version.onnx_path,
-                    onnx_bytes=version.onnx_path.stat().st_size, sha256=version.meta["sha256"])
-    return models
-
-
-# --- in-process measurements -------------------------------------------------------------------
-
-
-def ort_loop(session, feed: dict[str, np.ndarray], seconds: float) -> dict[str, Any]:
-    """Run ``session`` on ``feed`` back to back for ``seconds``: per-call latency and calls/s."""
-    for _ in range(20):
-        session.run(None, feed)
-    times: list[float] = []
-    started = time.perf_counter()
-    while time.perf_counter() - started < seconds or len(times) < 20:
-        t = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - t)
-    rows = next(iter(feed.values())).shape[0]
-    mean = sum(times) / len(times)
-    return {"calls": len(times), "mean_ms": round(mean * 1e3, 4), "p50_ms": round(statistics.median(times) * 1e3, 4),
-            "p99_ms": round(float(np.percentile(times, 99)) * 1e3, 4), "calls_per_s": round(1 / mean, 1),
-            "images_per_s": round(rows / mean, 1)}
-
-
-def in_process_ort(models: dict[str, dict[str, Any]], image: np.ndarray, seconds: float) -> list[dict[str, Any]]:
-    import onnxruntime as ort
-
-    from kiln.runtime import create_session
-
-    rows = []
-    for key, info in models.items():
-        # ONNX Runtime's own defaults (every core, spinning on) on purpose: the row says
-        # what the server's settings change.
-        sessions = {
-            "default_options": lambda path: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]),
-            "server_options": lambda path: create_session(path, kiln_session_settings()),
-        }
-        for label, open_session in sessions.items():
-            session = open_session(info["onnx"])
-            for batch in (1, 64):
-                feed = {"pixels": np.ascontiguousarray(np.repeat(image[None], batch, axis=0))}
-                r = ort_loop(session, feed, seconds if batch == 1 else seconds / 2)
-                rows.append({"model": key, "session": label, "batch": batch, **r})
-            del session
-    return rows
-
-
-def kiln_codec(store: Path, model_name: str, body: bytes, seconds: float) -> dict[str, Any]:
-    """Kiln's own decode (parse + validate) and encode (JSON response) of ``body``, timed in-process."""
-    from kiln.serving import codec
-    from kiln.serving.config import DEFAULT_MAX_BODY_BYTES
-    from kiln.serving.predictor import OnnxPredictor
-    from kiln.store import ModelStore
-
-    predictor = OnnxPredictor(ModelStore(store).production(model_name), session=kiln_session_settings())
-    predictor.load()
-    headers = {"content-type": "application/json"}
-    parsed, feed, wanted = codec.decode_request(predictor, body, headers, DEFAULT_MAX_BODY_BYTES)
-    outputs = predictor.run(feed)
-
-    def timed(fn) -> float:
-        for _ in range(50):
-            fn()
-        n, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds or n < 50:
-            fn()
-            n += 1
-        return (time.perf_counter() - started) / n * 1e6
-
-    return {
-        "body_bytes": len(body),
-        "decode_us": round(timed(lambda: codec.decode_request(predictor, body, headers, DEFAULT_MAX_BODY_BYTES)), 1),
-        "pydantic_parse_us": round(timed(lambda: codec.parse_request(body)), 1),
-        "inference_us": round(timed(lambda: predictor.run(feed)), 1),
-        "encode_us": round(timed(lambda: codec.encode_response(predictor, parsed, wanted, outputs)), 1),
-        "note": "one caller thread, no load: decode_request = JSON parse (pydantic) + tensor decode + validation; "
-                "encode_response = response dict + JSON rendering (JSONResponse)",
-    }
-
-
-# --- KServe ------------------------------------------------------------------------------------
-
-KSERVE_PEER = REPO / "bench" / "peers" / "kserve_onnx.py"
-"""KServe's ModelServer around a session from ``kiln.runtime`` (run in KServe's own venv)."""
-
-
-def kserve_python(venv: Path) -> tuple[Path, dict[str, str]]:
-    """The venv's python (creating the venv with ``KSERVE_PINS`` when it lacks kserve) and its versions."""
-    python = venv / "bin" / "python"
-    probe = ("import json, importlib.metadata as m; "
-             "print(json.dumps({p: m.version(p) for p in ('kserve', 'onnxruntime', 'numpy', 'uvicorn', 'fastapi')}))")
-    if python.exists():
-        proc = subprocess.run([str(python), "-c", probe], capture_output=True, text=True)
-        if proc.returncode == 0:
-            return python, json.loads(proc.stdout)
-    print(f"creating the KServe environment {venv} ({' '.join(KSERVE_PINS)})...", file=sys.stderr, flush=True)
-    interpreter = shutil.which("python3.11") or sys.executable
-    subprocess.run([interpreter, "-m", "venv", str(venv)], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--upgrade", "pip"], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", *KSERVE_PINS], check=True)
-    proc = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, check=True)
-    return python, json.loads(proc.stdout)
-
 
 # --- driving -----------------------------------------------------------------------------------
 
 
 def measure_server(server: Server, infer_path: str, lua: Path, concurrency: list[int], seconds: int,
-                   warmup: int, metrics: bool) -> list[dict[str, Any]]:
-    """Warm ``server`` up, then one wrk run per concurrency (with /metrics deltas for kiln)."""
+                   warmup: int, metrics: bool, batch_stats=None) -> list[dict[str, Any]]:
+    """Warm ``server`` up, then one wrk run per concurrency (with /metrics deltas for kiln,
+    and the peer's own batch counts through ``batch_stats()`` where it has a batcher)."""
     url = server.base + infer_path
     run_wrk(url, lua, max(concurrency), warmup)
     points = []
     for c in concurrency:
         time.sleep(0.5)  # let the previous run's last requests and connections settle
         before = scrape(server.base) if metrics else None
+        batches0 = batch_stats() if batch_stats else None
         cpu0 = server.cpu_seconds()
         r = run_wrk(url, lua, c, seconds)
         cpu1 = server.cpu_seconds()
@@ -472,91 +110,120 @@ def measure_server(server: Server, infer_path: str, lua: Path, concurrency: list
                  "server_cpu_cores": round((cpu1 - cpu0) / r["duration_s"], 2)}
         if before is not None:
             point["breakdown"] = breakdown(before, scrape(server.base), r["mean_ms"])
+        if batches0 is not None:
+            served = batch_stats() - batches0
+            point["peer_batches"] = {"runs": served.runs, "rows": served.rows, "mean_rows": round(served.mean_rows, 2)}
         points.append(point)
         print(f"  {server.name:<28} c={c:<3} {r['rps']:>8.1f} req/s  p50 {r['p50_ms']:>7.2f} ms  "
               f"p99 {r['p99_ms']:>7.2f} ms  errors {r['errors']}", file=sys.stderr, flush=True)
     return points
 
 
-def kiln_cmd(store: Path, model: str, port: int, batching: bool) -> list[str]:
+def kiln_cmd(store: Path, model: str, port: int, batching: bool, grpc_port: int = 0) -> list[str]:
     return [sys.executable, "-m", "kiln.cli", "serve", "--store", str(store), "--model", model,
             "--host", "127.0.0.1", "--port", str(port), "--batching" if batching else "--no-batching",
-            "--device", "cpu"]
+            "--device", "cpu", "--grpc-port", str(grpc_port)]
 
 
-def kiln_session_settings():
-    """The ONNX Runtime settings ``kiln serve`` builds with the flags of ``kiln_cmd``
-    (``--device cpu``; intra-op threads = the CPU quota): every peer and baseline gets them
-    (tests/serving/test_runtime.py checks that they are the same)."""
-    from kiln.runtime import SessionSettings
+def measure_peers(names: list[str], venvs: dict[str, Path], model: dict[str, Any], body: bytes, expected: int,
+                  lua: Path, args: argparse.Namespace, work: Path, env: dict[str, str]) -> list[dict[str, Any]]:
+    """Each peer from its own venv, on the same ONNX file, with kiln's session settings."""
+    from bench.peers import PEERS
 
-    return SessionSettings(device="cpu")
-
-
-def kserve_cmd(python: Path, model: str, onnx: Path, port: int) -> list[str]:
-    """KServe's peer server, its session settings handed over from ``kiln_session_settings``."""
-    return [str(python), str(KSERVE_PEER), "--model_name", model, "--model_path", str(onnx),
-            "--session_settings", kiln_session_settings().model_dump_json(), "--kiln_src", str(REPO / "src"),
-            "--http_port", str(port), "--grpc_port", str(free_port())]
-
-
-def ratio(name: str, num: float | None, den: float | None, target: str | None = None,
-          met: bool | None = None, note: str = "") -> dict[str, Any]:
-    value = round(num / den, 3) if num is not None and den else None
-    out: dict[str, Any] = {"name": name, "value": value}
-    if target is not None:
-        out["target"] = target
-        out["met"] = met
-    if note:
-        out["note"] = note
-    return out
+    points = []
+    settings = kiln_session_settings().model_dump_json()
+    for name in names:
+        peer = PEERS[name]
+        port, workdir = free_port(), work / f"peer-{name}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        argv, peer_env = peer.command(venvs[name], model["onnx"], port, settings, workdir)
+        peer_env = {k: v for k, v in peer_env.items() if not k.startswith("KILN_")}
+        with Server(f"{name} tiny", argv, port, peer.ready_path, work / f"{name}.log", peer_env) as server:
+            check_answer(server, peer.infer_path, body, expected)
+            stats = (lambda: peer.batch_stats(port, workdir)) if peer.batch_stats(port, workdir) else None
+            for p in measure_server(server, peer.infer_path, lua, args.concurrency, args.duration, args.warmup,
+                                    False, stats):
+                points.append({"server": name, "model": "tiny", "batching": None, **p})
+    return points
 
 
-def compute_ratios(points: list[dict[str, Any]], ort_rows: list[dict[str, Any]], tolerance: float) -> list[dict[str, Any]]:
-    def get(server: str, model: str, batching: bool | None, c: int, field: str) -> float | None:
-        for p in points:
-            if p["server"] == server and p["model"] == model and p["batching"] == batching and p["concurrency"] == c:
-                return p[field]
-        return None
+def grpc_request(image: np.ndarray, model_name: str) -> bytes:
+    """The gRPC ModelInfer request tritonclient sends for ``image``: raw input contents."""
+    from tritonclient.grpc import service_pb2 as pb
 
-    def limit(model: str) -> float | None:
-        rates = [r["calls_per_s"] for r in ort_rows if r["model"] == model and r["batch"] == 1]
-        return max(rates) if rates else None
-
-    out = []
-    k64, s64 = get("kiln", "tiny", True, 64, "rps"), get("kserve", "tiny", None, 64, "rps")
-    v = ratio("kiln_vs_kserve_rps_c64 (tiny, batching on)", k64, s64)
-    out.append({**v, "target": ">= 2.0", "met": v["value"] is not None and v["value"] >= 2.0})
-    v = ratio("kiln_vs_kserve_rps_c64 (tiny, batching off)", get("kiln", "tiny", False, 64, "rps"), s64)
-    out.append({**v, "target": ">= 2.0", "met": v["value"] is not None and v["value"] >= 2.0})
-    s16 = get("kserve", "tiny", None, 16, "p99_ms")
-    for batching in (True, False):
-        v = ratio(f"kiln_vs_kserve_p99_c16 (tiny, batching {'on' if batching else 'off'})",
-                  get("kiln", "tiny", batching, 16, "p99_ms"), s16)
-        out.append({**v, "target": "<= 0.5", "met": v["value"] is not None and v["value"] <= 0.5})
-    for c in CONCURRENCY:
-        v = ratio(f"batching_on_vs_off_rps_c{c} (tiny)", get("kiln", "tiny", True, c, "rps"),
-                  get("kiln", "tiny", False, c, "rps"))
-        if v["value"] is not None:
-            v.update(target=f">= 1.0 (must not lower throughput; met within a {tolerance:.0%} noise band)",
-                     met=v["value"] >= 1.0 - tolerance, met_strict=v["value"] >= 1.0)
-        out.append(v)
-    for c in CONCURRENCY:
-        v = ratio(f"batching_on_vs_off_rps_c{c} (heavy)", get("kiln", "heavy", True, c, "rps"),
-                  get("kiln", "heavy", False, c, "rps"))
-        if c == 64 and v["value"] is not None:
-            v.update(target=">= 3.0", met=v["value"] >= 3.0)
-        out.append(v)
-    for model in ("tiny", "heavy"):
-        for c in CONCURRENCY:
-            for server, batching in (("kiln", True), ("kiln", False), ("kserve", None)):
-                label = f"{server}{'' if batching is None else (' batching on' if batching else ' batching off')}"
-                out.append(ratio(f"{label}_vs_in_process_ort_batch1_rps_c{c} ({model})",
-                                 get(server, model, batching, c, "rps"), limit(model)))
-    return [r for r in out if r["value"] is not None]
+    tensor = pb.ModelInferRequest.InferInputTensor(name="pixels", datatype="UINT8", shape=[1, 28, 28])
+    request = pb.ModelInferRequest(model_name=model_name, inputs=[tensor], raw_input_contents=[image.tobytes()])
+    return request.SerializeToString()
 
 
-def environment(kserve_versions: dict[str, str] | None) -> dict[str, Any]:
+def grpc_vs_rest(store: Path, model_name: str, body: bytes, image: np.ndarray, expected: int, args: argparse.Namespace,
+                 work: Path, env: dict[str, str]) -> list[dict[str, Any]]:
+    """One kiln server (batching on) driven by h2load: REST JSON over HTTP/1.1, then gRPC over
+    HTTP/2, at each concurrency; success counted by the server's own counters."""
+    rest_body, grpc_body = work / "rest.json", work / "grpc.bin"
+    rest_body.write_bytes(body)
+    grpc_body.write_bytes(grpc_frame(grpc_request(image, model_name)))
+    port, gport = free_port(), free_port()
+    protocols = {
+        "rest": (f"http://127.0.0.1:{port}/v2/models/{model_name}/infer", rest_body,
+                 {"content-type": "application/json"}, True, "code_200"),
+        "grpc": (f"http://127.0.0.1:{gport}/inference.GRPCInferenceService/ModelInfer", grpc_body,
+                 {"content-type": "application/grpc", "te": "trailers"}, False, "grpc_OK"),
+    }
+    points = []
+    with Server("kiln tiny rest+grpc", kiln_cmd(store, model_name, port, True, gport), port, "/v2/health/ready",
+                work / "kiln-grpc.log", env) as server:
+        check_answer(server, f"/v2/models/{model_name}/infer", body, expected)
+        for proto, (url, data, headers, h1, ok_key) in protocols.items():
+            run_h2load(url, data, max(args.concurrency), args.warmup, headers, h1=h1, log=work / "h2-warm.log")
+            for c in args.concurrency:
+                time.sleep(0.5)
+                before, cpu0 = scrape(server.base), server.cpu_seconds()
+                r = run_h2load(url, data, c, args.duration, headers, h1=h1, log=work / f"h2-{proto}-{c}.log")
+                cpu1, after = server.cpu_seconds(), scrape(server.base)
+                served = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after if k.startswith(("code_", "grpc_"))}
+                ok = served.get(ok_key, 0.0)
+                points.append({"protocol": proto, "concurrency": c, **r, "server_ok": int(ok),
+                               "server_not_ok": int(sum(v for k, v in served.items() if k != ok_key)),
+                               "server_cpu_us_per_request": round((cpu1 - cpu0) / max(r["requests"], 1) * 1e6, 1)})
+                print(f"  h2load kiln {proto:<5} c={c:<3} {r['rps']:>8.1f} req/s  p99 {r['p99_ms']:>7.2f} ms  "
+                      f"server OK {int(ok)} not OK {points[-1]['server_not_ok']}", file=sys.stderr, flush=True)
+    points += grpc_floor(grpc_body, protocols["grpc"][2], args, work, env)
+    return points
+
+
+def grpc_floor(body: Path, headers: dict[str, str], args: argparse.Namespace, work: Path,
+               env: dict[str, str]) -> list[dict[str, Any]]:
+    """grpc.aio on uvloop answering a fixed response (bench/grpc_echo.py), same h2load runs:
+    the most any Python handler behind grpcio can reach here."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "grpc_echo.py"), str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/inference.GRPCInferenceService/ModelInfer"
+    points = []
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("bench/grpc_echo.py did not start")
+            time.sleep(0.2)
+        run_h2load(url, body, max(args.concurrency), args.warmup, headers, h1=False, log=work / "h2-warm.log")
+        for c in args.concurrency:
+            time.sleep(0.5)
+            r = run_h2load(url, body, c, args.duration, headers, h1=False, log=work / f"h2-echo-{c}.log")
+            points.append({"protocol": "grpc_echo_floor", "concurrency": c, **r, "server_ok": r["succeeded"],
+                           "server_not_ok": 0})
+            print(f"  h2load grpc.aio echo c={c:<3} {r['rps']:>8.1f} req/s", file=sys.stderr, flush=True)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    return points
+
+
+def environment(peer_versions: dict[str, dict[str, str | None]]) -> dict[str, Any]:
     import importlib.metadata as md
 
     import onnxruntime as ort
@@ -572,6 +239,7 @@ def environment(kserve_versions: dict[str, str] | None) -> dict[str, Any]:
         cpu_model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                           if ln.startswith("model name")), "")
     wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()[:1]
+    h2load_version = subprocess.run(["h2load", "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     return {
         "kiln_commit": commit,
         "cpu_count": os.cpu_count(),
@@ -580,10 +248,12 @@ def environment(kserve_versions: dict[str, str] | None) -> dict[str, Any]:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "onnxruntime": ort.__version__,
-        "kiln_server_stack": {p: md.version(p) for p in ("fastapi", "uvicorn", "pydantic", "numpy")},
+        "kiln_server_stack": {p: md.version(p) for p in ("fastapi", "uvicorn", "pydantic", "numpy", "grpcio")},
         "kiln_server_has_uvloop_httptools": all(_installed(p) for p in ("uvloop", "httptools")),
-        "kserve_env": kserve_versions,
+        "peer_envs": peer_versions,
         "wrk": wrk_version[0] if wrk_version else "unknown",
+        "h2load": h2load_version[0] if h2load_version else "unknown",
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -597,49 +267,21 @@ def _installed(dist: str) -> bool:
         return False
 
 
-def print_summary(result: dict[str, Any]) -> None:
-    print(f"\n{'server':<8}{'model':<7}{'batching':>9}{'c':>4}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>7}"
-          f"{'batch':>7}{'CPU us/req':>11}")
-    for p in result["points"]:
-        b = {True: "on", False: "off", None: "-"}[p["batching"]]
-        batch = p.get("breakdown", {}).get("mean_batch_requests", "")
-        print(f"{p['server']:<8}{p['model']:<7}{b:>9}{p['concurrency']:>4}{p['rps']:>10.1f}{p['p50_ms']:>9.2f}"
-              f"{p['p99_ms']:>9.2f}{p['errors']:>7}{batch:>7}{p['server_cpu_us_per_request']:>11.0f}")
-    print("\nin-process ONNX Runtime (one caller thread):")
-    print(f"{'model':<7}{'session':<17}{'batch':>6}{'mean ms':>9}{'p99 ms':>9}{'calls/s':>10}{'images/s':>10}")
-    for r in result["in_process_ort"]:
-        print(f"{r['model']:<7}{r['session']:<17}{r['batch']:>6}{r['mean_ms']:>9.3f}{r['p99_ms']:>9.3f}"
-              f"{r['calls_per_s']:>10.1f}{r['images_per_s']:>10.0f}")
-    print("\nratios (targets recorded, not asserted):")
-    for r in result["ratios"]:
-        target = f"  target {r['target']}: {'met' if r['met'] else 'MISSED'}" if "target" in r else ""
-        print(f"  {r['name']:<66}{r['value']:>8.3f}{target}")
-    print("\nper-request breakdown, kiln (mean us; from /metrics deltas):")
-    print(f"{'model':<7}{'batching':>9}{'c':>4}{'client':>9}{'handler':>9}{'queue':>9}{'infer':>9}{'infer/req':>10}"
-          f"{'dec+enc+':>9}{'outside':>9}")
-    for p in result["points"]:
-        bd = p.get("breakdown")
-        if not bd:
-            continue
-        print(f"{p['model']:<7}{'on' if p['batching'] else 'off':>9}{p['concurrency']:>4}{bd['client_latency_us']:>9.0f}"
-              f"{bd['handler_total_us']:>9.0f}{bd['queue_us']:>9.0f}{bd['inference_us']:>9.0f}"
-              f"{bd['inference_amortised_us']:>10.0f}{bd['decode_encode_other_us']:>9.0f}{bd['outside_handler_us']:>9.0f}")
-    codec = result["kiln_codec_in_process"]
-    print(f"\nkiln codec in-process (tiny, {codec['body_bytes']} B body): decode {codec['decode_us']} us "
-          f"(pydantic parse {codec['pydantic_parse_us']} us), inference {codec['inference_us']} us, "
-          f"encode {codec['encode_us']} us")
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from bench.peers import PEERS
 
-
-def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, default=10, help="seconds of wrk per point (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="seconds of wrk warm-up per server (default 2)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 s per point, 1 s warm-ups")
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
     parser.add_argument("--ort-seconds", type=float, default=2.0, help="in-process ONNX Runtime loop time per case")
-    parser.add_argument("--kserve-venv", type=Path, default=DEFAULT_KSERVE_VENV,
-                        help=f"KServe's own environment, created when absent (default {DEFAULT_KSERVE_VENV})")
-    parser.add_argument("--skip-kserve", action="store_true", help="no KServe baseline (its ratios are left out)")
+    parser.add_argument("--peers", nargs="*", choices=sorted(PEERS), default=sorted(PEERS),
+                        help="peer servers to measure on the tiny model (default: all; none: --peers)")
+    for name, peer in PEERS.items():
+        parser.add_argument(f"--{name}-venv", type=Path, default=peer.default_venv,
+                            help=f"{name}'s own environment, created when absent (default {peer.default_venv})")
+    parser.add_argument("--skip-grpc", action="store_true", help="no h2load gRPC-vs-REST comparison")
     parser.add_argument("--heavy-channels", type=int, nargs=2, default=[96, 192], metavar=("C1", "C2"))
     parser.add_argument("--heavy-hidden", type=int, default=2048)
     parser.add_argument("--heavy-layers", type=int, default=2)
@@ -649,20 +291,46 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.warmup, args.ort_seconds = 2, 1, 0.5
+    return args
+
+
+def measure_kiln(store: Path, body: bytes, expected: dict[str, int], lua: Path, args: argparse.Namespace,
+                 work: Path, env: dict[str, str]) -> list[dict[str, Any]]:
+    """kiln serve on both models, batching on and off (REST, wrk)."""
+    points = []
+    for key in ("tiny", "heavy"):
+        name = MODEL_NAMES[key]
+        path = f"/v2/models/{name}/infer"
+        for batching in (True, False):
+            port = free_port()
+            label = f"kiln {key} batching {'on' if batching else 'off'}"
+            with Server(label, kiln_cmd(store, name, port, batching), port, "/v2/health/ready",
+                        work / f"kiln-{key}-{batching}.log", env) as server:
+                check_answer(server, path, body, expected[key])
+                for p in measure_server(server, path, lua, args.concurrency, args.duration, args.warmup, True):
+                    points.append({"server": "kiln", "model": key, "batching": batching, **p})
+    return points
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     # A SIGTERM unwinds like Ctrl-C, so every server started is killed on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    if shutil.which("wrk") is None:
-        raise SystemExit("bench/serve.py needs wrk, the HTTP load generator: apt-get install -y wrk")
+    for tool, package in (("wrk", "wrk"), ("h2load", "nghttp2-client")):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"bench/serve.py needs {tool}: apt-get install -y {package}")
 
+    from bench.peers import PEERS, ort_session
     from kiln.data import mnist_5k
 
-    kserve = None if args.skip_kserve else kserve_python(args.kserve_venv)
+    venvs = {name: getattr(args, f"{name}_venv") for name in args.peers}
+    peer_versions = {name: PEERS[name].ensure_venv(venvs[name]) for name in args.peers}
     images, labels = mnist_5k()
     image = images[0]
     body = json.dumps({"inputs": [{"name": "pixels", "shape": [1, 28, 28], "datatype": "UINT8",
                                    "data": image.reshape(-1).tolist()}]}, separators=(",", ":")).encode()
     started = time.perf_counter()
-    env_info = environment(kserve[1] if kserve else None)
+    env_info = environment(peer_versions)
     # export_onnx and deploy() record the commit: hand it over rather than have them ask git
     os.environ["KILN_GIT_COMMIT"] = env_info["kiln_commit"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
@@ -679,83 +347,78 @@ def main(argv: list[str] | None = None) -> int:
             info["batch1_ms"] = {r["session"]: r["mean_ms"] for r in b1}
             info["batch64_ms_per_image"] = {r["session"]: round(1e3 / r["images_per_s"], 4)
                                             for r in ort_rows if r["model"] == key and r["batch"] == 64}
-        heavy_b1 = min(models["heavy"]["batch1_ms"].values())
-        models["heavy"]["batch1_at_least_1ms"] = heavy_b1 >= 1.0
+        models["heavy"]["batch1_at_least_1ms"] = min(models["heavy"]["batch1_ms"].values()) >= 1.0
         codec = kiln_codec(store, MODEL_NAMES["tiny"], body, args.ort_seconds / 2)
         # each model's answer to the body, to check every server once before timing it
         from kiln.runtime import predict
 
         expected = {key: int(predict(info["onnx"], image[None], kiln_session_settings())[1][0])
                     for key, info in models.items()}
-
         lua = work / "post_v2.lua"
         lua.write_text(LUA % {"body": body.decode()})
-
-        points: list[dict[str, Any]] = []
-        for key in ("tiny", "heavy"):
-            name = MODEL_NAMES[key]
-            path = f"/v2/models/{name}/infer"
-            for batching in (True, False):
-                port = free_port()
-                label = f"kiln {key} batching {'on' if batching else 'off'}"
-                with Server(label, kiln_cmd(store, name, port, batching), port, "/v2/health/ready",
-                            work / f"kiln-{key}-{batching}.log", env) as server:
-                    check_answer(server, path, body, expected[key])
-                    for p in measure_server(server, path, lua, args.concurrency, args.duration, args.warmup, True):
-                        points.append({"server": "kiln", "model": key, "batching": batching, **p})
-            if kserve is not None:
-                port = free_port()
-                cmd = kserve_cmd(kserve[0], name, models[key]["onnx"], port)
-                with Server(f"kserve {key}", cmd, port, f"/v2/models/{name}/ready",
-                            work / f"kserve-{key}.log", {**env, "PYTHONUNBUFFERED": "1"}) as server:
-                    check_answer(server, path, body, expected[key])
-                    for p in measure_server(server, path, lua, args.concurrency, args.duration, args.warmup, False):
-                        points.append({"server": "kserve", "model": key, "batching": None, **p})
+        points = measure_kiln(store, body, expected, lua, args, work, env)
+        points += measure_peers(args.peers, venvs, models["tiny"], body, expected["tiny"], lua, args, work, env)
+        grpc_points = [] if args.skip_grpc else grpc_vs_rest(store, MODEL_NAMES["tiny"], body, image,
+                                                             expected["tiny"], args, work, env)
         for info in models.values():
             info["onnx"] = info["onnx"].name
 
+    settings = kiln_session_settings()
     result = {
         "benchmark": "serve",
         "command": " ".join(["python bench/serve.py", *(argv if argv is not None else sys.argv[1:])]),
         "elapsed_s": round(time.perf_counter() - started, 1),
-        "environment": env_info,
+        "environment": {**env_info, "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
         "settings": {
-            "duration_s": args.duration, "warmup_s": args.warmup, "concurrency": args.concurrency,
-            "wrk": "-t min(c, 2) -c c --latency --timeout 10s, Lua POST of one image (KServe V2 JSON)",
-            "body_bytes": len(body), "image": "mnist_5k()[0] (a real digit), pixels UINT8 [1, 28, 28]",
-            "kiln_server": "kiln serve --device cpu --batching|--no-batching, other settings default "
-                           "(max batch 64, max queue delay 500 us, 4 inference threads, intra-op threads = CPU quota)",
-            "kserve_server": "kserve.ModelServer defaults (1 worker, gRPC on, latency logging on) around "
-                             "kiln.runtime.create_session(model, session_settings) (bench/peers/kserve_onnx.py)",
-            "session_settings": kiln_session_settings().model_dump(),
-            "session_settings_note": "kiln.runtime.SessionSettings of kiln serve --device cpu; the KServe peer "
-                                     "and the in-process server_options rows use the same object",
-            "rps": "requests answered 2xx/3xx per second of the wrk run",
-            "note": "wrk, the server and its inference threads share the same CPUs; server CPU per request "
-                    "is /proc's, for the whole process group",
+            **SETTINGS_NOTES, "duration_s": args.duration, "warmup_s": args.warmup, "concurrency": args.concurrency,
+            "body_bytes": len(body), "session_settings": settings.model_dump(),
+            "onnx_runtime_options": ort_session.describe(settings),
         },
         "models": models,
         "in_process_ort": ort_rows,
         "kiln_codec_in_process": codec,
         "points": points,
-        "ratios": compute_ratios(points, ort_rows, args.noise_tolerance),
-        "breakdown_columns": {
-            "client_latency_us": "wrk's mean latency",
-            "handler_total_us": "kiln_inference_request_duration_seconds: body read to response built",
-            "queue_us": "kiln_inference_queue_duration_seconds: waiting for the inference run to start",
-            "inference_us": "ONNX Runtime time of the run the request was in (compute _sum / _count)",
-            "inference_amortised_us": "ONNX Runtime time per request (compute _sum / requests)",
-            "decode_encode_other_us": "handler_total - queue - inference: JSON parse, tensor decode, validation, "
-                                      "response encode, thread-pool hops",
-            "outside_handler_us": "client_latency - handler_total: HTTP parsing by uvicorn (httptools), "
-                                  "socket I/O, event-loop waits, and wrk itself",
-        },
+        "grpc_vs_rest": grpc_points,
+        "ratios": compute_ratios(points, ort_rows, grpc_points, args.noise_tolerance),
+        "breakdown_columns": BREAKDOWN_COLUMNS,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print_summary(result)
     print(f"\nwrote {args.output} in {result['elapsed_s']:.0f} s")
     return 0
+
+
+SETTINGS_NOTES = {
+    "wrk": "-t min(c, 2) -c c --latency --timeout 10s, Lua POST of one image (KServe V2 JSON)",
+    "h2load": "-t 1 -c c -m 1 -D duration: REST JSON over HTTP/1.1 (--h1) and gRPC ModelInfer (raw input "
+              "contents, as tritonclient sends) over HTTP/2, the same kiln server; rps from the server's "
+              "own OK counters, since h2load counts a gRPC error as a success",
+    "image": "mnist_5k()[0] (a real digit), pixels UINT8 [1, 28, 28]",
+    "kiln_server": "kiln serve --device cpu --batching|--no-batching --grpc-port 0, other settings default "
+                   "(max batch 64, max queue delay 500 us, 4 inference threads, intra-op threads = CPU quota)",
+    "peers": "bench/peers: KServe 0.21 ModelServer (no batching), MLServer 1.7.1 (adaptive batching 64 / 0.5 ms), "
+             "Triton via nvidia-pytriton 0.7.0 (dynamic batching 64 / 500 us), each from its own venv, on the "
+             "tiny model, every one opening its session with kiln.runtime from session_settings",
+    "session_settings_note": "kiln.runtime.SessionSettings of kiln serve --device cpu; every peer and the "
+                             "in-process server_options rows get the same object (onnx_runtime_options: what "
+                             "it sets in ONNX Runtime)",
+    "rps": "requests answered 2xx/3xx per second of the run",
+    "note": "the load generator, the server and its inference threads share the same CPUs; server CPU per "
+            "request is /proc's, for the whole process group",
+}
+
+BREAKDOWN_COLUMNS = {
+    "client_latency_us": "wrk's mean latency",
+    "handler_total_us": "kiln_inference_request_duration_seconds: body read to response built",
+    "queue_us": "kiln_inference_queue_duration_seconds: waiting for the inference run to start",
+    "inference_us": "ONNX Runtime time of the run the request was in (compute _sum / _count)",
+    "inference_amortised_us": "ONNX Runtime time per request (compute _sum / requests)",
+    "decode_encode_other_us": "handler_total - queue - inference: JSON parse, tensor decode, validation, "
+                              "response encode, thread-pool hops",
+    "outside_handler_us": "client_latency - handler_total: HTTP parsing by uvicorn (httptools), "
+                          "socket I/O, event-loop waits, and wrk itself",
+}
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
-"""Peer model servers for ``bench/serve.py``: MLServer and Triton (nvidia-pytriton), each in its own venv.
+"""Peer model servers for ``bench/serve.py``: KServe, MLServer and Triton (nvidia-pytriton), each in its own venv.
 
-Both serve kiln's ONNX contract (``pixels`` UINT8 [N, 28, 28] -> ``probabilities``
-FP32 [N, 10], ``label`` INT64) over the KServe V2 REST protocol on a loopback port,
-batch requests server-side (at most ``ort_session.MAX_BATCH`` rows, waiting at most
-``ort_session.MAX_BATCH_DELAY_S``), and open their ONNX Runtime session with
-``ort_session`` from the settings JSON the bench passes, i.e. kiln's own options.
+All serve kiln's ONNX contract (``pixels`` UINT8 [N, 28, 28] -> ``probabilities``
+FP32 [N, 10], ``label`` INT64) over the KServe V2 REST protocol on a loopback port, and
+open their ONNX Runtime session with ``ort_session``, i.e. ``kiln.runtime`` from this
+checkout's ``src/``, from the ``SessionSettings`` JSON the bench passes: kiln's own
+options. MLServer and Triton batch requests server-side (at most ``ort_session.MAX_BATCH``
+rows, waiting at most ``ort_session.MAX_BATCH_DELAY_S``); KServe's ModelServer has no batcher.
 
-Typical use (from the main venv; ``ort_json`` is kiln's session settings as JSON)::
+Typical use (from the main venv; ``ort_json`` is ``SessionSettings(...).model_dump_json()``)::
 
     peer = PEERS["mlserver"]
     peer.ensure_venv(venv)                         # creates it with peer.pins when absent
@@ -14,7 +15,7 @@ Typical use (from the main venv; ``ort_json`` is kiln's session settings as JSON
     proc = peer.start(venv, model_onnx, port, ort_json, workdir, log)   # or Popen(argv, env=env)
     wait_ready(proc, f"http://127.0.0.1:{port}{peer.ready_path}")
     ...  wrk POSTs the V2 JSON body to f"http://127.0.0.1:{port}{peer.infer_path}" ...
-    peer.batch_stats(port, workdir)                # BatchStats(runs, rows) so far
+    peer.batch_stats(port, workdir)                # BatchStats(runs, rows) so far (None: no batcher)
     stop(proc)
 
 ``python -m bench.peers --model model.onnx`` checks each peer end to end (answers
@@ -46,7 +47,7 @@ from . import ort_session
 
 PEERS_DIR = Path(__file__).resolve().parent
 MODEL_NAME = "mnist"
-"""The name both peers serve the model under."""
+"""The name every peer serves the model under."""
 MLSERVER_PARALLEL_WORKERS = 0
 """Inference runs in MLServer's server process, next to HTTP and the batcher. MLServer's
 default (1 worker process) does not start with mlserver 1.7.1 and the uvloop it resolves
@@ -81,13 +82,10 @@ def _get(url: str, timeout: float = 5) -> bytes:
         return r.read()
 
 
-def settings_json(ort_settings: str | dict[str, Any] | ort_session.OrtSettings) -> str:
-    """The validated settings as the JSON the peers read (a bad key fails here, before any start)."""
-    if isinstance(ort_settings, ort_session.OrtSettings):
-        return ort_settings.to_json()
-    if isinstance(ort_settings, dict):
-        return ort_session.OrtSettings.from_mapping(ort_settings).to_json()
-    return ort_session.OrtSettings.from_json(ort_settings).to_json()
+def settings_json(settings: str | dict[str, Any] | ort_session.SessionSettings) -> str:
+    """kiln's ``SessionSettings``, validated, as the JSON every peer reads (a bad key fails
+    here, before any start)."""
+    return ort_session.load_settings(settings).model_dump_json()
 
 
 @dataclass(frozen=True)
@@ -154,8 +152,8 @@ class Peer:
             return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir,
                                     start_new_session=True)
 
-    def batch_stats(self, port: int, workdir: Path) -> BatchStats:
-        """Model runs and rows served so far (rows / runs: the mean batch size)."""
+    def batch_stats(self, port: int, workdir: Path) -> BatchStats | None:
+        """Model runs and rows served so far (rows / runs: the mean batch size); None: no batcher."""
         raise NotImplementedError
 
 
@@ -183,7 +181,7 @@ class MLServerPeer(Peer):
             "max_batch_size": ort_session.MAX_BATCH,
             "max_batch_time": ort_session.MAX_BATCH_DELAY_S,
             "parameters": {"uri": str(Path(model).resolve()),
-                           "extra": {"ort_settings": json.loads(settings_json(ort_settings))}},
+                           "extra": {"session_settings": json.loads(settings_json(ort_settings))}},
         }
         (workdir / "settings.json").write_text(json.dumps(server, indent=2))
         (model_dir / "model-settings.json").write_text(json.dumps(model_settings, indent=2))
@@ -206,7 +204,7 @@ class TritonPeer(Peer):
         search = os.pathsep.join(filter(None, [libdir, os.environ.get("LD_LIBRARY_PATH")]))
         env = {**os.environ, "LD_LIBRARY_PATH": search}
         argv = [str(python), str(PEERS_DIR / "triton_peer.py"), "--model", str(Path(model).resolve()),
-                "--port", str(port), "--ort-settings", settings_json(ort_settings)]
+                "--port", str(port), "--session-settings", settings_json(ort_settings)]
         return argv, env
 
     def batch_stats(self, port, workdir):
@@ -214,8 +212,23 @@ class TritonPeer(Peer):
         return BatchStats(runs=sum(s["execution_count"] for s in stats), rows=sum(s["inference_count"] for s in stats))
 
 
+class KServePeer(Peer):
+    """KServe's ModelServer around a custom V2 model (``kserve_onnx.py``); no batching."""
+
+    def command(self, venv, model, port, ort_settings, workdir):
+        argv = [str(self.python(venv)), str(PEERS_DIR / "kserve_onnx.py"), "--model_name", MODEL_NAME,
+                "--model_path", str(Path(model).resolve()), "--session_settings", settings_json(ort_settings),
+                "--http_port", str(port), "--grpc_port", str(free_port())]
+        return argv, {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    def batch_stats(self, port, workdir):
+        return None
+
+
 _TMP = Path(tempfile.gettempdir())
 PEERS: dict[str, Peer] = {
+    "kserve": KServePeer("kserve", ("kserve==0.21.0", "onnxruntime==1.31.1", "numpy==2.4.6"),
+                         _TMP / "kiln-bench-kserve", extra_versions=("uvicorn", "fastapi", "pydantic")),
     "mlserver": MLServerPeer("mlserver", ("mlserver==1.7.1", "onnxruntime==1.31.1"), _TMP / "kiln-bench-mlserver",
                              extra_versions=("numpy", "uvicorn", "fastapi")),
     "triton": TritonPeer("triton", ("nvidia-pytriton==0.7.0", "onnxruntime==1.31.1"), _TMP / "kiln-bench-pytriton",
@@ -275,7 +288,7 @@ def infer(base_url: str, infer_path: str, pixels) -> dict[str, Any]:
 def check_answers(peer: Peer, base_url: str, model: Path, settings: str, rows: int = 5) -> None:
     """The peer's outputs for a batch equal in-process ONNX Runtime's (same model, same settings)."""
     pixels = np.random.default_rng(7).integers(0, 256, size=(rows, 28, 28), dtype=np.uint8)
-    session = ort_session.create_session(model, ort_session.OrtSettings.from_json(settings))
+    session = ort_session.create_session(model, ort_session.load_settings(settings))
     want_probs, want_label = ort_session.predict(session, pixels)
     outputs = infer(base_url, peer.infer_path, pixels)
     probs = np.asarray(outputs["probabilities"]["data"], dtype=np.float32)

@@ -1,26 +1,20 @@
 """bench/serve.py's KServe peer: KServe's ModelServer over ONNX Runtime, a custom V2 model
 (``kserve.Model`` with ``load()``/``predict()``) as KServe's docs show.
 
-It runs in KServe's own virtual environment (kserve is not a kiln dependency). Its ONNX
-Runtime session comes from ``kiln.runtime`` in kiln's source tree (``--kiln_src``), built
-from the ``SessionSettings`` that bench/serve.py hands over as JSON
-(``--session_settings``): the settings ``kiln serve`` builds for itself, so both servers
-run the model with the same threads, spinning and graph optimisation. ``kiln.runtime``
-needs only numpy, pydantic and onnxruntime, which KServe's environment has.
+It runs in KServe's own virtual environment (kserve is not a kiln dependency), started by
+``bench.peers.PEERS["kserve"]`` with this folder on ``PYTHONPATH``. Its ONNX Runtime
+session comes from ``ort_session``, i.e. ``kiln.runtime`` from kiln's own source tree,
+built from the ``SessionSettings`` JSON the bench hands over (``--session_settings``): the
+settings ``kiln serve`` builds for itself, so both servers run the model with the same
+threads, spinning and graph optimisation. No batching: KServe's ModelServer has none.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
-
-def load_session(model_path: str, settings_json: str) -> Any:
-    """The ONNX Runtime session for ``model_path`` per kiln's serialised ``SessionSettings``."""
-    from kiln.runtime import SessionSettings, create_session
-
-    return create_session(model_path, SessionSettings.model_validate_json(settings_json))
+import ort_session
 
 
 def main() -> None:
@@ -31,9 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(parents=[model_server.parser])
     parser.add_argument("--model_path", required=True)
     parser.add_argument("--session_settings", required=True, help="kiln.runtime.SessionSettings as JSON")
-    parser.add_argument("--kiln_src", required=True, help="kiln's src/ directory")
     args, _ = parser.parse_known_args()
-    sys.path.insert(0, args.kiln_src)
 
     class OnnxModel(Model):
         def __init__(self, name: str) -> None:
@@ -43,7 +35,7 @@ def main() -> None:
             self.load()
 
         def load(self) -> bool:
-            self.session = load_session(args.model_path, args.session_settings)
+            self.session = ort_session.create_session(args.model_path, ort_session.load_settings(args.session_settings))
             self.output_names = [o.name for o in self.session.get_outputs()]
             self.ready = True
             return self.ready

@@ -2,7 +2,7 @@
 
 ``bench/peers`` writes MLServer's settings.json and the model's model-settings.json
 (``implementation: mlserver_runtime.OnnxRuntimeModel``, ``parameters.uri``: the ONNX
-file, ``parameters.extra.ort_settings``: the settings JSON object, adaptive batching
+file, ``parameters.extra.session_settings``: kiln's ``SessionSettings`` as a JSON object, adaptive batching
 ``max_batch_size`` 64 / ``max_batch_time`` 0.0005 s) and starts ``mlserver start`` from
 the MLServer peer's own virtual environment with this folder on ``PYTHONPATH``.
 
@@ -32,7 +32,7 @@ class OnnxRuntimeModel(MLModel):
         parameters = self.settings.parameters
         if parameters is None or not parameters.uri:
             raise ValueError(f"model {self.name}: model-settings.json lacks parameters.uri (the ONNX file)")
-        settings = ort_session.OrtSettings.from_mapping((parameters.extra or {}).get("ort_settings"))
+        settings = ort_session.load_settings((parameters.extra or {}).get("session_settings") or {})
         self._session = ort_session.create_session(parameters.uri, settings)
         self._runs = self._rows = 0
         return True

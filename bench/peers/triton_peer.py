@@ -6,9 +6,9 @@ Triton's dynamic batcher groups requests (``max_batch_size`` 64, ``max_queue_del
 500 µs); the bound infer function gets the batch as one ``pixels`` UINT8 [N, 28, 28]
 array and returns ``probabilities`` FP32 [N, 10] and ``label`` INT64 [N, 1] (Triton's model
 config cannot declare a batched tensor without a dim of its own; the data is kiln's). The ONNX
-Runtime session comes from ``ort_session`` with the settings JSON given on the command
-line, so Triton runs the model exactly as kiln does. Only HTTP is served: gRPC and
-Prometheus metrics are off; batching shows in ``GET /v2/models/<name>/stats``
+Runtime session comes from ``ort_session`` (kiln's ``kiln.runtime``) with kiln's
+``SessionSettings`` JSON given on the command line, so Triton runs the model exactly as kiln
+does. Only HTTP is served: gRPC and Prometheus metrics are off; batching shows in ``GET /v2/models/<name>/stats``
 (``inference_count`` rows in ``execution_count`` runs).
 """
 
@@ -41,14 +41,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="ONNX file following kiln's contract")
     parser.add_argument("--port", type=int, required=True, help="HTTP port (loopback)")
-    parser.add_argument("--ort-settings", required=True, help="ONNX Runtime settings JSON (see ort_session)")
+    parser.add_argument("--session-settings", required=True, help="kiln.runtime.SessionSettings as JSON")
     parser.add_argument("--workspace", default=None, help="PyTriton's workspace folder (default: a temp dir)")
     args = parser.parse_args()
 
-    settings = ort_session.OrtSettings.from_json(args.ort_settings)
+    settings = ort_session.load_settings(args.session_settings)
     session = ort_session.create_session(args.model, settings)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("triton_peer").warning("ORT settings %s", settings.to_json())
+    logging.getLogger("triton_peer").warning("ORT options %s", ort_session.describe(settings))
 
     config = TritonConfig(http_address="127.0.0.1", http_port=args.port, allow_grpc=False, allow_metrics=False,
                           log_verbose=0)

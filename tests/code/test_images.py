@@ -175,7 +175,7 @@ def test_serve_extra_alone_serves_a_stored_model_without_torch(serve_venv: Path,
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen([str(serve_venv / "bin" / "kiln"), "serve", "--store", str(store.root), "--model", "mnist",
-                               "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=tmp_path,
+                               "--host", "127.0.0.1", "--port", str(port), "--grpc-port", "0"], env=env, cwd=tmp_path,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -149,6 +149,13 @@ def test_server_is_hardened_probed_and_drains_within_its_grace_period(overlay: s
     assert all(s and s.items() <= labels.items() for s in selectors)
     ports = {p["port"] for d in find(path, "NetworkPolicy") for rule in d["spec"]["ingress"] for p in rule["ports"]}
     assert {p["containerPort"] for p in c["ports"]} <= ports
+    # KServe V2 gRPC: the server's default --grpc-port, named, exposed by the Service, opened
+    # by the NetworkPolicy; the probes stay on HTTP.
+    container_ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert container_ports == {"http": 8080, "grpc": 8081} and 8081 in ports
+    service_ports = {p["name"]: p for d in find(path, "Service") for p in d["spec"]["ports"]}
+    assert service_ports["grpc"]["targetPort"] == "grpc" and service_ports["grpc"]["appProtocol"] == "grpc"
+    assert all(c[probe]["httpGet"]["port"] == "http" for probe in ("startupProbe", "readinessProbe", "livenessProbe"))
 
 
 def test_rwx_by_default_rwo_pins_one_replica_without_hpa_or_pdb() -> None:

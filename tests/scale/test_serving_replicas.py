@@ -58,7 +58,7 @@ def replicas(tmp_path: Path) -> Iterator[tuple[Path, list[str]]]:
     ports = [_free_port() for _ in range(REPLICAS)]
     procs = [subprocess.Popen(
         [str(kiln), "serve", "--store", str(store), "--model", MODEL, "--port", str(port),
-         "--poll-interval-s", str(POLL_INTERVAL_S), "--no-batching", "--drain-delay-s", "0"],
+         "--poll-interval-s", str(POLL_INTERVAL_S), "--no-batching", "--drain-delay-s", "0", "--grpc-port", "0"],
         env=env, stdout=subprocess.DEVNULL, stderr=(tmp_path / f"server{port}.log").open("wb"),
     ) for port in ports]
     urls = [f"http://127.0.0.1:{port}" for port in ports]

@@ -71,7 +71,8 @@ def test_help_lists_every_flag_and_exits_0(capsys: pytest.CaptureFixture[str]) -
         parse_args(["--help"])
     assert info.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--store", "--model", "--host", "--port", "--no-batching", "--max-queue-delay-us", "--device", "--variant"):
+    for flag in ("--store", "--model", "--host", "--port", "--grpc-port", "--no-batching", "--max-queue-delay-us", "--device",
+                 "--variant"):
         assert flag in text, flag
     assert "KILN_" in text  # says where a flag left out comes from
 
@@ -110,7 +111,7 @@ def test_sigterm_under_load_drains_and_fails_no_accepted_request(make_store, mod
     drain_s = 1.5
     proc = subprocess.Popen(
         [sys.executable, "-m", "kiln.serving.server", "--store", str(root), "--model", MODEL, "--port", str(port),
-         "--drain-delay-s", str(drain_s), "--poll-interval-s", "0"],
+         "--drain-delay-s", str(drain_s), "--poll-interval-s", "0", "--grpc-port", "0"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"

@@ -139,3 +139,25 @@ def test_float_inputs_must_be_finite(tmp_path: Path) -> None:
     for bad in (np.nan, np.inf, -np.inf):
         with pytest.raises(InferenceInputError, match="NaN or infinity"):
             p.predict({"x": np.array([[0, bad, 0]], np.float32)})
+
+
+def test_json_responses_carry_numbers_exactly_and_refuse_non_finite_outputs(predictor: OnnxPredictor,
+                                                                            make_digits) -> None:
+    import json
+
+    from kiln.serving import codec
+    from kiln.serving.predictor import InferenceError
+
+    request = codec.InferenceRequest.model_validate({"id": "x", "inputs": [{"name": "pixels", "shape": [1],
+                                                                           "datatype": "UINT8", "data": [0]}]})
+    wanted = [("probabilities", False), ("label", False)]
+    outputs = predictor.predict({"pixels": make_digits(3, seed=5)})
+    answer = json.loads(codec.encode_response(predictor, request, wanted, outputs).body)
+    assert answer["id"] == "x" and [o["shape"] for o in answer["outputs"]] == [[3, 10], [3]]
+    # float32 written in its shortest form reads back as the very same float32
+    np.testing.assert_array_equal(np.array(answer["outputs"][0]["data"], np.float32).reshape(3, 10),
+                                  outputs["probabilities"])
+    assert answer["outputs"][1]["data"] == outputs["label"].tolist()
+    outputs["probabilities"][1, 2] = np.nan
+    with pytest.raises(InferenceError, match="'probabilities' contains NaN or infinity"):
+        codec.encode_response(predictor, request, wanted, outputs)

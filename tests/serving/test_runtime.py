@@ -113,7 +113,7 @@ def test_the_bench_peer_and_kiln_serve_build_their_sessions_from_the_same_settin
         if name.startswith("KILN_"):
             monkeypatch.delenv(name)  # bench/serve.py starts kiln serve without them
     bench = _load(REPO_ROOT / "bench" / "serve.py")
-    peer = _load(REPO_ROOT / "bench" / "peers" / "kserve_onnx.py")
+    peer = _load(REPO_ROOT / "bench" / "peers" / "ort_session.py")  # what every peer script opens sessions with
     handed_to_peers = bench.kiln_session_settings()
     cmd = bench.kiln_cmd(store_root, MODEL, 8080, True)
     served_settings, _, _ = parse_args(cmd[cmd.index("serve") + 1 :])
@@ -122,7 +122,7 @@ def test_the_bench_peer_and_kiln_serve_build_their_sessions_from_the_same_settin
     version = ModelStore(store_root).get(MODEL, "1")
     kiln = OnnxPredictor(version, session=served_settings.session_settings())
     kiln.load()
-    peer_session = peer.load_session(str(version.onnx_path), handed_to_peers.model_dump_json())
+    peer_session = peer.create_session(version.onnx_path, peer.load_settings(handed_to_peers.model_dump_json()))
     assert _options(peer_session) == _options(kiln._session)
     assert _options(peer_session)["spinning"] == "0" and _options(peer_session)["intra_op"] == cpu_quota()
 

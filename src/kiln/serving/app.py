@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import re
 import time
 import weakref
 from collections.abc import AsyncIterator
@@ -74,6 +75,8 @@ class ServingState:
         max_queue_delay_us: int,
         poll_interval_s: float,
         freeze_gc: bool,
+        grpc_address: tuple[str, int] | None = None,
+        graceful_timeout_s: float = 20.0,
     ) -> None:
         self.repository = repository
         self.metrics = metrics
@@ -86,6 +89,10 @@ class ServingState:
         # Inference runs here, off the event loop and apart from the request thread pool.
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kiln-infer")
         self._batchers: weakref.WeakKeyDictionary[OnnxPredictor, Batcher] = weakref.WeakKeyDictionary()
+        self.grpc_address = grpc_address
+        """(host, port) of the KServe V2 gRPC front end started with the app (None: none)."""
+        self.graceful_timeout_s = graceful_timeout_s
+        self.grpc: Any = None  # the running kiln.serving.grpc_service.GrpcFrontEnd
 
     @property
     def model_name(self) -> str:
@@ -109,6 +116,13 @@ class ServingState:
             gc.collect()
             gc.freeze()
         self.reloader.start()
+        if self.grpc_address is not None:
+            # Imported here: an application without gRPC never loads grpcio.
+            from kiln.serving.grpc_service import GrpcFrontEnd
+
+            host, port = self.grpc_address
+            self.grpc = GrpcFrontEnd(self, host, port, self.max_body_bytes)
+            await self.grpc.start()
 
     @asynccontextmanager
     async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
@@ -121,6 +135,9 @@ class ServingState:
     async def shutdown(self) -> None:
         """Stop hot reload, finish queued batches, stop the inference threads."""
         self.begin_drain()
+        if self.grpc is not None:
+            # In-flight gRPC calls finish (new ones get UNAVAILABLE) before the batchers close.
+            await self.grpc.stop(self.graceful_timeout_s)
         await self.reloader.stop()
         for batcher in list(self._batchers.values()):
             await batcher.close()
@@ -282,6 +299,28 @@ async def infer(request: Request) -> Response:
 
 
 INFER_PATHS = ("/v2/models/{model}/infer", "/v2/models/{model}/versions/{version}/infer")
+_INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+
+
+class KilnApp(FastAPI):
+    """FastAPI, with the infer POST answered before its middleware stack.
+
+    On that path nothing of the stack is used: ``ServingState.infer`` turns every error
+    into its response and counts it itself, and the request is parsed by hand. Each
+    middleware layer (error handling, exception routing, exit stacks, body limits) wraps
+    ``receive`` and ``send`` once more, which on a small model costs as much CPU as the
+    inference. Everything else goes through FastAPI as usual.
+    """
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            match = _INFER_PATH.fullmatch(scope["path"])
+            if match is not None:
+                scope["app"] = self
+                response = await self.state.serving.infer(Request(scope, receive), match[1], match[2])
+                await response(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
 
 # --- errors -----------------------------------------------------------------------------------
@@ -322,6 +361,9 @@ def create_app(
     keep_versions: int = 3,
     variant: str = "",
     freeze_gc: bool = False,
+    grpc_port: int | None = None,
+    grpc_host: str = "127.0.0.1",
+    graceful_timeout_s: float = 20.0,
 ) -> FastAPI:
     """The V2 application serving ``model_name`` from the model store at ``store_root``.
 
@@ -333,7 +375,10 @@ def create_app(
     name where it has one. Each application has its own Prometheus registry.
     ``freeze_gc`` moves every object alive once the production version is loaded out of
     the garbage collector's reach (``gc.freeze``): for a server process of its own, not
-    for an application embedded in a longer-lived process.
+    for an application embedded in a longer-lived process. ``grpc_port`` (None: off)
+    starts the KServe V2 gRPC front end (:mod:`kiln.serving.grpc_service`) on
+    ``grpc_host`` with the application, sharing its repository, batching, metrics and
+    drain; at shutdown its in-flight calls get up to ``graceful_timeout_s``.
     """
     if max_body_bytes <= 0 or max_batch_size < 1 or max_queue_delay_us < 0 or poll_interval_s < 0:
         raise ValueError("max_body_bytes and max_batch_size must be positive, delays not negative")
@@ -353,13 +398,14 @@ def create_app(
     state = ServingState(
         repository, metrics, max_body_bytes=max_body_bytes, batching=batching, max_batch_size=max_batch_size,
         max_queue_delay_us=max_queue_delay_us, poll_interval_s=poll_interval_s, freeze_gc=freeze_gc,
+        grpc_address=None if grpc_port is None else (grpc_host, grpc_port), graceful_timeout_s=graceful_timeout_s,
     )
 
     return _application(state)
 
 
 def _application(state: ServingState) -> FastAPI:
-    app = FastAPI(
+    app = KilnApp(
         title="kiln model server", version=__version__, lifespan=state.lifespan, docs_url=None, redoc_url=None
     )
     app.state.serving = state
@@ -372,16 +418,15 @@ def _application(state: ServingState) -> FastAPI:
     ):
         app.add_exception_handler(exc_class, handler)  # type: ignore[arg-type]
     app.include_router(router)
-    # Plain Starlette routes, matched first: the hot path skips FastAPI's dependency
-    # solving and the scan past the other routes. They take no typed parameters, so
-    # nothing is lost; the body is parsed by hand anyway.
+    # Plain Starlette routes, matched first (KilnApp answers these paths before routing;
+    # the routes keep them in the application's route table and its 405s).
     for path in INFER_PATHS:
         app.router.routes.insert(0, Route(path, infer, methods=["POST"], include_in_schema=False))
     return app
 
 
-def create_app_from_settings(settings: ServerSettings, *, freeze_gc: bool = False) -> FastAPI:
-    """``create_app`` configured by ``settings``."""
+def create_app_from_settings(settings: ServerSettings, *, freeze_gc: bool = False, host: str = "127.0.0.1") -> FastAPI:
+    """``create_app`` configured by ``settings`` (gRPC, when on, binds ``host`` too)."""
     return create_app(
         settings.model_store,
         settings.model_name,
@@ -394,4 +439,7 @@ def create_app_from_settings(settings: ServerSettings, *, freeze_gc: bool = Fals
         poll_interval_s=settings.poll_interval_s,
         keep_versions=settings.keep_versions,
         freeze_gc=freeze_gc,
+        grpc_port=settings.grpc_port or None,
+        grpc_host=host,
+        graceful_timeout_s=settings.graceful_timeout_s,
     )

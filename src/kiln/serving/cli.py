@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "(`kiln run` creates model_store/ and deploys into it)")
     sock = listen_socket(host, port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app: FastAPI = create_app_from_settings(settings, freeze_gc=True)
+    app: FastAPI = create_app_from_settings(settings, freeze_gc=True, host=host)
     config = uvicorn.Config(
         app,
         host=host,

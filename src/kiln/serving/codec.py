@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 import math
 import struct
 import zlib
@@ -26,6 +25,7 @@ from collections.abc import Mapping
 from typing import Annotated, Any
 
 import numpy as np
+import orjson
 from fastapi.responses import JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
@@ -34,7 +34,7 @@ from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
 from kiln.contract import IMAGE_SIZE, INPUT_NAME
 from kiln.serving.errors import ApiError
-from kiln.serving.predictor import V2_TO_NUMPY, InferenceInputError, OnnxPredictor
+from kiln.serving.predictor import V2_TO_NUMPY, InferenceError, InferenceInputError, OnnxPredictor
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 IMAGE_INPUT = "image"
@@ -270,25 +270,38 @@ def decode_images(array: np.ndarray, from_json: bool) -> np.ndarray:
     return pixels
 
 
+def bind_input(
+    inputs: dict[str, np.ndarray], predictor: OnnxPredictor, name: str, datatype: str, array: np.ndarray,
+    *, images_base64: bool,
+) -> None:
+    """Add one decoded request input to ``inputs`` under the model input it feeds.
+
+    ``image`` (PNG files, base64 text when ``images_base64``) becomes the contract's
+    ``pixels``; an unknown name, a datatype the model does not take, or a second input of
+    the same name is an ApiError 400. Shared by the REST and gRPC front ends.
+    """
+    specs = {s.name: s for s in predictor.inputs}
+    if name == IMAGE_INPUT and IMAGE_INPUT not in specs and INPUT_NAME in specs:
+        if datatype != "BYTES":
+            raise ApiError(400, f"input {IMAGE_INPUT!r} must be BYTES (PNG files)")
+        array = decode_images(array, from_json=images_base64)
+        name = INPUT_NAME
+    elif name not in specs:
+        raise ApiError(400, f"unknown input {name!r}; the model takes {sorted(specs)}")
+    elif datatype != specs[name].datatype:
+        raise ApiError(400, f"input {name!r} is {specs[name].datatype}, the request says {datatype}")
+    if name in inputs:
+        raise ApiError(400, f"input {name!r} given more than once")
+    inputs[name] = array
+
+
 def _decode_inputs(request: InferenceRequest, binary: memoryview, predictor: OnnxPredictor) -> dict[str, np.ndarray]:
     inputs: dict[str, np.ndarray] = {}
-    specs = {s.name: s for s in predictor.inputs}
     offset = 0
     for inp in request.inputs:
         array, offset = _decode_input(inp, binary, offset)
-        name = inp.name
-        if name == IMAGE_INPUT and IMAGE_INPUT not in specs and INPUT_NAME in specs:
-            if inp.datatype != "BYTES":
-                raise ApiError(400, f"input {IMAGE_INPUT!r} must be BYTES (PNG files)")
-            array = decode_images(array, from_json=inp.parameters.get("binary_data_size") is None)
-            name = INPUT_NAME
-        elif name not in specs:
-            raise ApiError(400, f"unknown input {name!r}; the model takes {sorted(specs)}")
-        elif inp.datatype != specs[name].datatype:
-            raise ApiError(400, f"input {name!r} is {specs[name].datatype}, the request says {inp.datatype}")
-        if name in inputs:
-            raise ApiError(400, f"input {name!r} given more than once")
-        inputs[name] = array
+        from_text = inp.parameters.get("binary_data_size") is None
+        bind_input(inputs, predictor, inp.name, inp.datatype, array, images_base64=from_text)
     if offset != len(binary):
         raise ApiError(400, f"{len(binary) - offset} bytes of binary data belong to no input")
     return inputs
@@ -321,17 +334,26 @@ def _requested_outputs(request: InferenceRequest, predictor: OnnxPredictor) -> W
 # --- response encoding --------------------------------------------------------------------
 
 
-def _to_binary(array: np.ndarray, datatype: str) -> bytes:
+def to_binary(array: np.ndarray, datatype: str) -> bytes:
     if datatype == "BYTES":
         serialized = serialize_byte_tensor(np.asarray(array, dtype=object))
         return serialized.item() if serialized.size else b""
     return np.ascontiguousarray(array, dtype=V2_TO_NUMPY[datatype]).tobytes()
 
 
-def _to_json(array: np.ndarray, datatype: str) -> list[Any]:
+def _to_json(array: np.ndarray, datatype: str, name: str) -> list[Any] | np.ndarray:
+    """An output's ``data``: flat, row-major; numbers stay a numpy array (orjson writes it directly)."""
     if datatype == "BYTES":
         return [x if isinstance(x, str) else bytes(x).decode("utf-8", "replace") for x in array.ravel()]
-    return array.ravel().tolist()
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        # JSON has no NaN or infinity: never let one turn silently into null
+        raise InferenceError(f"output {name!r} contains NaN or infinity, which JSON cannot carry (ask for binary_data)")
+    return np.ascontiguousarray(array.ravel())
+
+
+def dumps(payload: Any) -> bytes:
+    """Compact JSON (orjson, numpy arrays written natively: no per-element Python objects)."""
+    return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def decode_request(
@@ -361,19 +383,19 @@ def encode_response(
         array, datatype = results[name], datatypes[name]
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if as_binary:
-            blob = _to_binary(array, datatype)
+            blob = to_binary(array, datatype)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            entry["data"] = _to_json(array, datatype)
+            entry["data"] = _to_json(array, datatype, name)
         outputs.append(entry)
     payload: dict[str, Any] = {"model_name": predictor.name, "model_version": predictor.version}
     if request.id is not None:
         payload["id"] = request.id
     payload["outputs"] = outputs
     if not blobs:
-        return JSONResponse(payload)
-    json_part = json.dumps(payload, separators=(",", ":")).encode()
+        return Response(dumps(payload), media_type="application/json")
+    json_part = dumps(payload)
     return Response(
         json_part + b"".join(blobs),
         media_type="application/octet-stream",

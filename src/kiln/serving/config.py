@@ -47,6 +47,11 @@ class ServerSettings(BaseSettings):
         "versions without it serve fp32)"
     )
     access_log: bool = Field(False, description="log one line per request (uvicorn's access log)")
+    # KILN_GRPC_PORT is safe from Kubernetes' service links: the Service is kiln-serve
+    # (KILN_SERVE_PORT...); a Service named kiln-grpc would clash.
+    grpc_port: int | None = Field(
+        8081, ge=0, le=65535, description="KServe V2 gRPC port, on the same host (0 or none: no gRPC)"
+    )
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="ONNX Runtime device (auto: CUDA when the NVIDIA driver sees a GPU)"
     )
@@ -61,7 +66,7 @@ FLAG_ONLY = frozenset({"host", "port"})
 
 
 class ServeCommand(ServerSettings):
-    """Serve the production model over KServe V2 REST.
+    """Serve the production model over KServe V2 REST and gRPC.
 
     Every flag left out falls back to its KILN_* environment variable (--max-batch-size:
     KILN_MAX_BATCH_SIZE, --store: KILN_MODEL_STORE), then to its default; --host and

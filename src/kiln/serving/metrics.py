@@ -29,15 +29,25 @@ class ServerMetrics:
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
         GCCollector(registry=registry)
+        self._request_metrics(registry)
+        self._model_metrics(registry)
+
+    def _request_metrics(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(
             "kiln_inference_requests",
             "Inference requests by model, version and HTTP status code.",
             ["model", "version", "code"],
             registry=registry,
         )
+        self.grpc_requests = Counter(
+            "kiln_grpc_inference_requests",
+            "gRPC ModelInfer calls by model, version and gRPC status code name (OK, INVALID_ARGUMENT...).",
+            ["model", "version", "code"],
+            registry=registry,
+        )
         self.latency = Histogram(
             "kiln_inference_request_duration_seconds",
-            "Inference request latency (total), body read to response built.",
+            "Inference request latency (total, REST and gRPC), request read to response built.",
             ["model", "version"],
             registry=registry,
             buckets=_LATENCY_BUCKETS,
@@ -70,6 +80,8 @@ class ServerMetrics:
             registry=registry,
             buckets=_BATCH_BUCKETS,
         )
+
+    def _model_metrics(self, registry: CollectorRegistry) -> None:
         self.loads = Counter(
             "kiln_model_loads",
             "Model version loads by model, version and result (success, failure).",
