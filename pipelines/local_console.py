@@ -195,6 +195,12 @@ class _Tap(io.TextIOBase):
         if self.echo is not None:
             self.echo.flush()
 
+    def release(self, to: TextIO) -> None:
+        """After the capture: write straight to ``to``. Libraries that took ``sys.stderr``
+        while it was this tap (DVC's log handlers, for one) keep writing here, and the log
+        file is closed by then."""
+        self.log, self.echo, self.on_line = to, None, lambda line: None
+
 
 def console_stream() -> TextIO:
     """Where the person at the terminal reads: a duplicate of the current stdout's file
@@ -240,3 +246,4 @@ def capture(log_path: Path, on_line: Callable[[str], None], echo: TextIO | None 
                 os.close(saved)
             if tap.pending:
                 on_line(tap.pending)
+            tap.release(saved_streams[1])

@@ -151,3 +151,16 @@ def test_the_summary_ends_with_the_run_reports_path() -> None:
     assert lines[-1] == f"{'run report:':<20} runs/r/report.html"
     assert f"{'deployed:':<20} version 2 is production (model_store/mnist/2)" in lines
     assert len(lines) <= 14
+
+
+def test_a_stream_taken_during_the_capture_still_works_after_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A library that keeps ``sys.stderr`` from inside a run (DVC's log handlers do) must not
+    fail later, when the run's log file is closed: it writes to the real stderr then."""
+    seen: list[str] = []
+    with capture(tmp_path / "run.log", seen.append):
+        kept = sys.stderr
+        print("inside", file=kept)
+    print("after the run", file=kept)  # a closed log file would raise ValueError here
+    kept.flush()
+    assert seen == ["inside"] and (tmp_path / "run.log").read_text() == "inside\n"
+    assert "after the run" in capsys.readouterr().err
