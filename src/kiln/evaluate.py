@@ -22,7 +22,7 @@ import pandas as pd
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
 from kiln.config import CHAMPION_TOLERANCE
-from kiln.contract import CLASS_LABELS, IMAGE_SIZE, INPUT_NAME, LABEL_NAME, NUM_CLASSES, PROBABILITIES_NAME
+from kiln.contract import CLASS_LABELS, NUM_CLASSES
 from kiln.dataset import CLEAN_COLUMNS, read_table, to_arrays
 
 
@@ -117,14 +117,6 @@ class Evaluation:
             "thresholds": self.thresholds.to_dict(),
             "champion": None if self.champion is None else dict(self.champion),
         }
-
-
-def onnx_providers() -> list[str]:
-    """ONNX Runtime providers evaluation asks for: the server's answer (the NVIDIA driver's
-    GPU list, see :func:`kiln.runtime.providers_for`)."""
-    from kiln.runtime import providers_for
-
-    return providers_for("auto")
 
 
 def predict_onnx(onnx_path: str | Path, pixels: np.ndarray, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
@@ -313,7 +305,6 @@ __all__ = [
     "classification_metrics",
     "evaluate_onnx",
     "expected_calibration_error",
-    "onnx_providers",
     "predict_onnx",
     "production_onnx_path",
     "report_html",

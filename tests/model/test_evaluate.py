@@ -8,7 +8,7 @@ import pytest
 
 from kiln.contract import CLASS_LABELS, INPUT_NAME, LABEL_NAME
 from kiln.dataset import to_arrays
-from kiln.evaluate import EvaluationError, Thresholds, evaluate_onnx, onnx_providers
+from kiln.evaluate import EvaluationError, Thresholds, evaluate_onnx
 
 PERMISSIVE = Thresholds(min_accuracy=0.0, min_macro_recall=0.0, min_class_recall=0.0)
 
@@ -163,13 +163,6 @@ def test_bad_inputs_raise_evaluation_error(exported, tables, tmp_path) -> None:
         evaluate_onnx(exported.onnx_path, tables.test.head(0))
     with pytest.raises(EvaluationError, match="not found"):
         evaluate_onnx(tmp_path / "missing.onnx", tables.test)
-
-
-def test_cpu_provider_without_cuda(monkeypatch) -> None:
-    import torch
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert onnx_providers() == ["CPUExecutionProvider"]
 
 
 # --------------------------------------------------------------------------- richer metrics

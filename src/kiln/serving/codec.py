@@ -365,11 +365,16 @@ def decode_request(
     request = parse_request(header)
     inputs = _decode_inputs(request, binary, predictor)
     wanted = _requested_outputs(request, predictor)
+    return request, validated_feed(predictor, inputs), wanted
+
+
+def validated_feed(predictor: OnnxPredictor, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The model feed of decoded ``inputs`` (REST and gRPC alike): the predictor's checks,
+    a failed one as a 400 (INVALID_ARGUMENT over gRPC)."""
     try:
-        feed = predictor.validate(inputs)
+        return predictor.validate(inputs)
     except InferenceInputError as e:
         raise ApiError(400, str(e)) from e
-    return request, feed, wanted
 
 
 def encode_response(

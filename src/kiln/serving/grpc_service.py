@@ -193,11 +193,7 @@ def decode_request(request: Any, predictor: OnnxPredictor) -> tuple[dict[str, np
     """(validated model feed, wanted outputs, raw outputs)."""
     inputs = decode_inputs(request, predictor)
     wanted, raw = requested_outputs(request, predictor)
-    try:
-        feed = predictor.validate(inputs)
-    except InferenceInputError as e:
-        raise ApiError(400, str(e)) from e
-    return feed, wanted, raw
+    return codec.validated_feed(predictor, inputs), wanted, raw
 
 
 def encode_response(
